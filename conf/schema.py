@@ -1,0 +1,141 @@
+"""The one structured config schema of lpreg.
+
+Every default lives here. The defaults describe the embedded demo: a local Ray, a tiny
+model built on the spot, CPU only. Recipes in ``conf/recipes/`` and command-line
+overrides change values; they cannot add keys the schema does not know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the model built locally when ``model.path`` is not given."""
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 2  # head_dim = hidden / heads = 64: CPU attention rejects smaller heads
+    num_kv_heads: int = 1
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face model directory. None builds the tiny model into the run directory.
+    path: Optional[str] = None
+    # float32 keeps vLLM's and the learner's log-probs equal on CPU; bfloat16 for GPUs.
+    dtype: str = "float32"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    # JSONL file of {"prompt", "answer"} rows. None uses the built-in synthetic task.
+    train_path: Optional[str] = None
+    prompts_per_step: int = 8
+    max_prompt_tokens: int = 64
+    # Synthetic task: sums of `num_operands` integers below `max_operand`.
+    synthetic_num_problems: int = 2048
+    synthetic_max_operand: int = 50
+    synthetic_num_operands: int = 2
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 2
+    samples_per_prompt: int = 4  # n: the size of each GRPO group
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_response_tokens: int = 16
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    tensor_parallel_size: int = 1
+    # On CPU vLLM reads this as a fraction of the NUMA node's RAM; 0.92 fails at start-up.
+    gpu_memory_utilization: float = 0.2
+    # KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: int = 1
+    max_model_len: int = 256
+    enforce_eager: bool = True
+    # Seconds to wait for one worker's generate call before naming it and failing.
+    timeout_s: float = 600.0
+    # Seconds to wait for an engine to start.
+    startup_timeout_s: float = 600.0
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = 2
+    zero_stage: int = 0
+    micro_batch_size: int = 8  # sequences per forward pass on one learner
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    # "auto": nccl when the learner sees a GPU, gloo otherwise.
+    dist_backend: str = "auto"
+    timeout_s: float = 600.0
+    startup_timeout_s: float = 600.0
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: str = "grpo"
+    loss: str = "ppo_clip"
+    loss_agg_mode: str = "token-mean"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    # Mini-batches per rollout batch and passes over it. 1 and 1 is on-policy: the
+    # old log-probs and the Lp-Reg proxy then come from the training forward pass itself.
+    mini_batches_per_step: int = 1
+    epochs_per_step: int = 1
+    lp_reg_neg_frac: float = 0.01  # rho
+    lp_reg_pos_frac: float = 0.0
+    lp_reg_coef: float = 1.0  # beta
+    lp_reg_min_p: float = 0.02  # kappa
+    lp_reg_temperature: float = 1.0
+    kl_type: str = "low_var_kl"
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class VerifierConfig:
+    timeout_s: float = 5.0
+    num_workers: int = 2
+    # "package.module:function" for a user-written reward; None uses the math verifier.
+    reward_fn: Optional[str] = None
+    format_penalty: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 3
+    run_name: str = "demo"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    # None: RAY_ADDRESS when set, otherwise a private local cluster.
+    address: Optional[str] = None
+    # Logical CPUs of the private local cluster; None sizes it to fit every actor.
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class LpregConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)

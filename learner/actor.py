@@ -1,0 +1,212 @@
+"""Learner: a Ray actor holding one DeepSpeed data-parallel rank.
+
+All algorithm logic lives in ``learner.step`` and the pure loss modules; this actor
+owns the process group, the model, the optimizer and the weight export.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
+from learner.batch import LearnerShard, TrainBatch
+
+
+@dataclass
+class LearnerStepResult:
+    rank: int
+    metrics: dict[str, float]
+    num_optimizer_steps: int
+
+
+def deepspeed_config(cfg: LearnerConfig, grad_accum_steps: int) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+class Learner:
+    def __init__(self, rank: int, world_size: int, model_path: str, model_cfg: ModelConfig,
+                 cfg: LearnerConfig, algo: AlgorithmConfig, temperature: float, seed: int):
+        self.rank = rank
+        self.world_size = world_size
+        self.model_path = model_path
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        self.algo = algo
+        self.temperature = temperature
+        self.seed = seed
+        self.engine = None
+        self._export_stats = (0, 0)
+        self._nccl_engines: list = []
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int, grad_accum_steps: int) -> int:
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        os.environ.update({
+            "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
+            # Ray gives each learner its own GPU, visible as device 0.
+            "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+        })
+        backend = self.cfg.dist_backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        torch.manual_seed(self.seed)
+
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=getattr(torch, self.model_cfg.dtype))
+        if torch.cuda.is_available():
+            model = model.cuda()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr,
+                                      betas=tuple(self.cfg.betas),
+                                      weight_decay=self.cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer,
+            config=deepspeed_config(self.cfg, grad_accum_steps))
+        return self.rank
+
+    # -- training -------------------------------------------------------------------
+    def train_step(self, shard: LearnerShard) -> LearnerStepResult:
+        from learner.step import train_on_shard
+
+        engine = self.engine
+        engine.train()
+        device = engine.device
+        shard.mini_batches = [_to_device(mini, device) for mini in shard.mini_batches]
+        steps = 0
+
+        def backward(loss) -> None:
+            engine.backward(loss, scale_wrt_gas=False)
+            # DeepSpeed counts micro-steps and only clips, steps and zeroes at the
+            # accumulation boundary; the step count per mini-batch equals its
+            # gradient_accumulation_steps by construction.
+            engine.step()
+
+        def optimizer_step() -> dict[str, float]:
+            nonlocal steps
+            steps += 1
+            grad_norm = engine.get_global_grad_norm()
+            return {"actor/grad_norm": float(grad_norm)} if grad_norm is not None else {}
+
+        metrics = train_on_shard(
+            engine.module, shard, self.algo, micro_batch_size=self.cfg.micro_batch_size,
+            temperature=self.temperature, world_size=self.world_size,
+            backward=backward, optimizer_step=optimizer_step)
+        metrics["actor/lr"] = float(self.cfg.lr)
+        return LearnerStepResult(rank=self.rank, metrics=metrics, num_optimizer_steps=steps)
+
+    def compute_log_probs(self, batch: TrainBatch):
+        """log pi_theta of each response token under the current weights (no grad)."""
+        import torch
+
+        from learner import token_stats
+        from learner.step import response_logits
+
+        self.engine.eval()
+        with torch.no_grad():
+            batch = _to_device(batch, self.engine.device)
+            stats = token_stats(response_logits(self.engine.module, batch), batch.response_ids,
+                                temperature=self.temperature, compute_entropy=False)
+        return stats.log_prob.cpu()
+
+    # -- weight export ------------------------------------------------------------------
+    def _full_parameters(self):
+        """(name, tensor) for every parameter, gathered when ZeRO-3 shards them."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.named_parameters())
+        if self.cfg.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+                return [(n, p.detach().clone().cpu()) for n, p in params] if self.rank == 0 else []
+        return [(n, p.detach().cpu()) for n, p in params] if self.rank == 0 else []
+
+    def export_weights(self):
+        """Full weights on rank 0 (None elsewhere), for the object-store transport."""
+        named = self._full_parameters()
+        if self.rank != 0:
+            return None
+        # detach().cpu() aliases the live CPU parameters; copy so later steps cannot
+        # change what the workers read.
+        named = [(n, t.clone()) for n, t in named]
+        self._export_stats = (len(named), sum(t.numel() * t.element_size() for _, t in named))
+        return named
+
+    def last_export_stats(self) -> tuple[int, int]:
+        return self._export_stats
+
+    def weights_checksum(self) -> float:
+        named = self._full_parameters()
+        return float(sum(t.double().abs().sum().item() for _, t in named)) if named else 0.0
+
+    # -- GPU weight transfer (vLLM NCCL engine) ----------------------------------------
+    def init_nccl_weight_transfer(self, rollout_handles: list, tensor_parallel_size: int) -> int:
+        """Open one NCCL group per rollout worker: this rank is 0, the engine's TP ranks follow."""
+        import ray
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+
+        address = ray.util.get_node_ip_address()
+        for handle in rollout_handles:
+            info = NCCLTrainerInitInfo(master_address=address, master_port=free_port(),
+                                       world_size=1 + tensor_parallel_size)
+            self._nccl_engines.append(NCCLTrainerWeightTransferEngine.trainer_init(
+                info, client=RayVLLMWeightSyncClient(handle),
+                source=ModuleSource(self.engine.module)))
+        return len(self._nccl_engines)
+
+    def send_weights_nccl(self) -> int:
+        import deepspeed
+
+        params = [p for p in self.engine.module.parameters()]
+        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+                  if self.cfg.zero_stage == 3 else _nullcontext())
+        with gather:
+            for transfer in self._nccl_engines:
+                transfer.send_weights()
+        self._export_stats = (len(params), sum(p.numel() * p.element_size() for p in params))
+        return len(self._nccl_engines)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _to_device(batch: TrainBatch, device) -> TrainBatch:
+    import torch
+
+    if str(device) == "cpu":
+        return batch
+    return TrainBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                         for k, v in vars(batch).items()})

@@ -1,0 +1,76 @@
+"""The learner ranks: one DeepSpeed data-parallel group of Ray actors."""
+
+from __future__ import annotations
+
+import math
+
+from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
+from launch.remote import wait_named
+from learner.actor import Learner, LearnerStepResult
+from learner.batch import TrainBatch, shard_for_learners
+
+
+def grad_accum_steps(sequences_per_step: int, algo: AlgorithmConfig, cfg: LearnerConfig) -> int:
+    """Micro-batches each rank runs per mini-batch: the same on every rank."""
+    per_rank = sequences_per_step // (algo.mini_batches_per_step * cfg.num_workers)
+    return max(1, math.ceil(per_rank / cfg.micro_batch_size))
+
+
+class LearnerGroup:
+    def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: LearnerConfig,
+                 algo: AlgorithmConfig, temperature: float, sequences_per_step: int,
+                 seed: int, placement=None) -> None:
+        import ray
+
+        self.cfg = cfg
+        self.algo = algo
+        actor_cls = ray.remote(Learner)
+        self.workers = []
+        for rank in range(cfg.num_workers):
+            options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
+            if placement is not None:
+                options["scheduling_strategy"] = placement(rank)
+            self.workers.append(actor_cls.options(**options).remote(
+                rank, cfg.num_workers, model_path, model_cfg, cfg, algo, temperature, seed))
+        addr, port = wait_named({"learner-0": self.rank0.rendezvous_address.remote()},
+                                cfg.startup_timeout_s, "report its address")["learner-0"]
+        # init_distributed is a collective: every rank must be inside it at once.
+        gas = grad_accum_steps(sequences_per_step, algo, cfg)
+        wait_named({name: w.setup.remote(addr, port, gas) for name, w in self.named_workers()},
+                   cfg.startup_timeout_s, "join the DeepSpeed group and load the model")
+
+    @property
+    def rank0(self):
+        return self.workers[0]
+
+    def named_workers(self):
+        return [(f"learner-{i}", w) for i, w in enumerate(self.workers)]
+
+    def train_step(self, batch: TrainBatch) -> list[LearnerStepResult]:
+        shards = shard_for_learners(batch, self.algo.mini_batches_per_step, len(self.workers))
+        refs = {name: w.train_step.remote(shard)
+                for (name, w), shard in zip(self.named_workers(), shards)}
+        results = wait_named(refs, self.cfg.timeout_s, "finish its training step")
+        return [results[name] for name, _ in self.named_workers()]
+
+    def export_weights_refs(self) -> list:
+        return [w.export_weights.remote() for w in self.workers]
+
+    def send_weights_nccl_refs(self) -> list:
+        return [w.send_weights_nccl.remote() for w in self.workers]
+
+    def compute_log_probs(self, batch: TrainBatch):
+        # Every rank runs the pass: under ZeRO-3 a forward is a collective.
+        refs = {name: w.compute_log_probs.remote(batch) for name, w in self.named_workers()}
+        return wait_named(refs, self.cfg.timeout_s, "compute log-probs")["learner-0"]
+
+    def weights_checksum(self) -> float:
+        refs = {name: w.weights_checksum.remote() for name, w in self.named_workers()}
+        return wait_named(refs, self.cfg.timeout_s, "checksum its weights")["learner-0"]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []

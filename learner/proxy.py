@@ -1,0 +1,130 @@
+"""The Lp-Reg proxy distribution: the old policy with min-p noise removed, renormalised.
+
+At each position, with ``z`` the old policy's logits:
+
+    keep     = softmax(z) >= kappa * max softmax(z)      (threshold at temperature 1)
+    proxy(.) = log_softmax(where(keep, z, -inf) / T)
+
+Because ``softmax(z)_i / max softmax(z) = exp(z_i - max z)``, the test is done on the shifted
+logits, ``z_i - max z >= log(kappa)``, with no softmax at all. A filtered token's proxy
+log-prob is ``-inf`` (the reference writes a logit of -1e4, which has the same effect).
+
+Memory: the vocabulary axis is processed a chunk of positions at a time, reading the
+caller's logits through views, so the extra memory is a few ``chunk x vocab`` temporaries,
+never another ``batch x length x vocab`` tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["FILTERED_LOG_PROB", "default_chunk_size", "min_p_proxy_log_prob"]
+
+# Proxy log-probs at or below this mean "removed by the filter". -inf is what we write;
+# the threshold also accepts reference-style values (a -1e4 logit).
+FILTERED_LOG_PROB = -1e3
+
+# Elements per chunk temporary: 2**25 float32 values = 128 MiB.
+_CHUNK_ELEMENTS = 2**25
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Positions per chunk so that one float32 temporary stays near 128 MiB."""
+    return max(1, _CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (exact tests); everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_blocks(x: Tensor) -> list[tuple[Tensor, int]]:
+    """Split ``(..., V)`` into 2-D ``(rows, V)`` views with their flat row offsets, never copying.
+
+    A contiguous tensor is one block; a strided view (e.g. ``logits[:, -L - 1:-1]``) is one
+    block per leading index.
+    """
+    vocab = x.shape[-1]
+    try:
+        return [(x.view(-1, vocab), 0)]
+    except RuntimeError:
+        pass
+    rows = x.shape[-2]
+    leading = itertools.product(*(range(n) for n in x.shape[:-2]))
+    return [(x[idx], i * rows) for i, idx in enumerate(leading)]
+
+
+def iter_chunks(x: Tensor, chunk_size: int):
+    """Yield ``(chunk, start, stop)``: a ``(n, V)`` view and its flat position range."""
+    for block, offset in row_blocks(x):
+        for r0 in range(0, block.shape[0], chunk_size):
+            r1 = min(r0 + chunk_size, block.shape[0])
+            yield block[r0:r1], offset + r0, offset + r1
+
+
+def log_min_p(kappa: float) -> float:
+    if not 0.0 <= kappa <= 1.0:
+        raise ValueError(f"min-p kappa must be in [0, 1], got {kappa}")
+    return math.log(kappa) if kappa > 0 else -math.inf
+
+
+def proxy_from_shifted(
+    shifted: Tensor,
+    token_ids: Tensor,
+    log_kappa: float,
+    temperature: float,
+    exp_shifted: Tensor | None = None,
+) -> Tensor:
+    """Proxy log-prob of ``token_ids`` from one chunk of ``shifted = z - max z`` (temperature 1).
+
+    ``exp_shifted``, when given, is ``exp(shifted)`` already computed by the caller; it is
+    overwritten (filtered entries zeroed) to save a temporary, and only used when T == 1.
+    """
+    filtered = shifted < log_kappa
+    if temperature == 1.0 and exp_shifted is not None:
+        weights = exp_shifted
+    else:
+        weights = (shifted / temperature).exp() if temperature != 1.0 else shifted.exp()
+    kept_mass = weights.masked_fill_(filtered, 0.0).sum(-1)
+    token_shifted = shifted.gather(-1, token_ids[:, None]).squeeze(-1)
+    proxy = token_shifted / temperature - kept_mass.log()
+    return proxy.masked_fill(token_shifted < log_kappa, -math.inf)
+
+
+@torch.no_grad()
+def min_p_proxy_log_prob(
+    logits: Tensor,
+    token_ids: Tensor,
+    kappa: float,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Proxy log-prob of each token under the min-p filtered, renormalised distribution.
+
+    Args:
+        logits: ``(..., V)`` raw logits of the policy that generated the tokens.
+        token_ids: ``(...)`` sampled token ids.
+        kappa: min-p threshold relative to the most likely token (the paper's 0.02).
+        temperature: temperature of the renormalised proxy (the filter itself uses 1).
+        chunk_size: positions per chunk; default keeps each temporary near 128 MiB.
+
+    Returns:
+        ``(...)`` detached log-probs, float32 (float64 for float64 logits); ``-inf`` where the
+        sampled token was filtered out.
+    """
+    if logits.shape[:-1] != token_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and token_ids {tuple(token_ids.shape)} do not match")
+    log_kappa = log_min_p(kappa)
+    dtype = compute_dtype(logits.dtype)
+    chunk_size = chunk_size or default_chunk_size(logits.shape[-1])
+    ids = token_ids.reshape(-1).clamp(min=0)
+    out = torch.empty(ids.numel(), dtype=dtype, device=logits.device)
+    for chunk, start, stop in iter_chunks(logits.detach(), chunk_size):
+        z = chunk.to(dtype)
+        shifted = z - z.amax(-1, keepdim=True)
+        out[start:stop] = proxy_from_shifted(shifted, ids[start:stop], log_kappa, temperature)
+    return out.view(token_ids.shape)

@@ -1,0 +1,181 @@
+"""Per-token statistics from the training forward pass, without a second B x L x V tensor.
+
+``token_stats`` turns the response-position logits into what the losses need:
+
+- ``log_prob``: log-prob of each sampled token at the sampling temperature, with grad;
+- ``entropy``: entropy of the sampling distribution, with grad (entropy bonus, 80/20, metric);
+- ``proxy_log_prob``: the Lp-Reg min-p proxy of the same logits, detached.
+
+On the on-policy fast path the old log-probs are ``log_prob.detach()`` and the proxy comes
+from the same logits, so Lp-Reg costs no extra forward pass.
+
+How memory stays flat. One custom autograd function covers all three outputs. Its forward
+walks the logits a chunk of positions at a time and keeps only per-token numbers (log-sum-exp
+and entropy); it saves the logits themselves (which the caller already holds) instead of a
+``log_softmax`` copy. Its backward recomputes each chunk's softmax and writes the gradient
+straight into the one ``B x L x V`` gradient tensor autograd needs anyway. Compare with
+``log_softmax(...).gather(...)``: that keeps a full ``log_softmax`` output alive until backward
+and its backward builds two more full-size tensors (scatter of the gather, softmax term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from learner.proxy import (
+    compute_dtype,
+    default_chunk_size,
+    iter_chunks,
+    log_min_p,
+    proxy_from_shifted,
+)
+
+__all__ = ["TokenStats", "token_stats"]
+
+
+@dataclass
+class TokenStats:
+    log_prob: Tensor  # (B, L), grad flows to the logits
+    entropy: Tensor | None  # (B, L), grad flows to the logits; None unless asked for
+    proxy_log_prob: Tensor | None  # (B, L), detached; -inf where min-p filtered the token
+
+
+def _forward(
+    logits: Tensor,
+    ids: Tensor,
+    temperature: float,
+    compute_entropy: bool,
+    log_kappa: float | None,
+    proxy_temperature: float,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Chunked pass: returns flat (log_prob, lse, entropy, proxy); lse is of logits / T."""
+    dtype = compute_dtype(logits.dtype)
+    n = ids.numel()
+    new = {"dtype": dtype, "device": logits.device}
+    log_prob, lse = torch.empty(n, **new), torch.empty(n, **new)
+    entropy = torch.empty(n, **new) if compute_entropy else None
+    proxy = torch.empty(n, **new) if log_kappa is not None else None
+    for chunk, start, stop in iter_chunks(logits, chunk_size):
+        tok = ids[start:stop]
+        z = chunk.to(dtype)
+        x = z / temperature if temperature != 1.0 else z
+        row_max = x.amax(-1, keepdim=True)
+        shifted = x - row_max
+        exp_shifted = shifted.exp()
+        log_norm = exp_shifted.sum(-1).log()  # log sum exp(x - max)
+        lse[start:stop] = row_max.squeeze(-1) + log_norm
+        log_prob[start:stop] = shifted.gather(-1, tok[:, None]).squeeze(-1) - log_norm
+        if entropy is not None:
+            # H = log Z - E_p[x - max]; the batched dot avoids another chunk temporary.
+            expected = torch.einsum("nv,nv->n", exp_shifted, shifted) / log_norm.exp()
+            entropy[start:stop] = log_norm - expected
+        if proxy is not None:
+            if temperature == 1.0:
+                # exp_shifted is no longer needed: the proxy may overwrite it.
+                proxy[start:stop] = proxy_from_shifted(shifted, tok, log_kappa, proxy_temperature, exp_shifted)
+            else:
+                raw_shifted = z - z.amax(-1, keepdim=True)  # min-p threshold is at temperature 1
+                proxy[start:stop] = proxy_from_shifted(raw_shifted, tok, log_kappa, proxy_temperature)
+    return log_prob, lse, entropy, proxy
+
+
+class _TokenStatsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ids, temperature, compute_entropy, log_kappa, proxy_temperature, chunk_size):
+        log_prob, lse, entropy, proxy = _forward(
+            logits, ids, temperature, compute_entropy, log_kappa, proxy_temperature, chunk_size
+        )
+        ctx.set_materialize_grads(False)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.save_for_backward(logits, ids, lse, entropy)
+        empty = log_prob.new_empty(0)
+        entropy = empty if entropy is None else entropy
+        proxy = empty.clone() if proxy is None else proxy
+        ctx.mark_non_differentiable(proxy)
+        return log_prob, entropy, proxy
+
+    @staticmethod
+    def backward(ctx, grad_log_prob, grad_entropy, _grad_proxy):
+        logits, ids, lse, entropy = ctx.saved_tensors
+        if grad_log_prob is None and grad_entropy is None:
+            return (None,) * 7
+        temperature = ctx.temperature
+        dtype = compute_dtype(logits.dtype)
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_rows = grad_logits.view(-1, logits.shape[-1])
+        if grad_log_prob is None:
+            grad_log_prob = torch.zeros_like(lse)
+        for chunk, start, stop in iter_chunks(logits, ctx.chunk_size):
+            x = chunk.to(dtype)
+            if temperature != 1.0:
+                x = x / temperature
+            g_lp = grad_log_prob[start:stop, None].to(dtype)
+            log_p = x - lse[start:stop, None]  # fresh temporary, safe to modify in place
+            # d log p_tok / dx = onehot(tok) - p ;  dH/dx = -p * (log p + H)
+            if grad_entropy is None:
+                grad = log_p.exp_().mul_(-g_lp)
+            else:
+                p = log_p.exp()
+                g_h = grad_entropy[start:stop, None].to(dtype)
+                entropy_term = log_p.add_(entropy[start:stop, None]).mul_(p).mul_(g_h)
+                grad = p.mul_(-g_lp).sub_(entropy_term)
+            grad.scatter_add_(-1, ids[start:stop, None], g_lp)
+            if temperature != 1.0:
+                grad /= temperature
+            grad_rows[start:stop] = grad
+        return grad_logits, None, None, None, None, None, None
+
+
+def token_stats(
+    logits: Tensor,
+    token_ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    proxy_min_p: float | None = None,
+    proxy_temperature: float = 1.0,
+    compute_entropy: bool = True,
+    chunk_size: int | None = None,
+) -> TokenStats:
+    """Log-probs, entropy and min-p proxy of the sampled tokens, chunk-wise along positions.
+
+    Args:
+        logits: ``(..., V)`` raw logits at the response positions (any float dtype).
+        token_ids: ``(...)`` sampled tokens. Masked positions may hold any id; negative ids
+            are read as 0 (their outputs are meaningless and must be masked by the caller).
+        temperature: sampling temperature; log-probs and entropy are of ``softmax(logits / T)``.
+        proxy_min_p: kappa of the min-p proxy; None skips it.
+        proxy_temperature: temperature of the renormalised proxy (threshold is at T = 1).
+        compute_entropy: entropy is one extra dot product per position when on.
+        chunk_size: positions per chunk; default keeps each temporary near 128 MiB.
+
+    Outputs are float32 (float64 for float64 logits) of shape ``token_ids.shape``.
+    Memory beyond the logits: a few ``chunk_size x V`` temporaries and per-token vectors in
+    forward; in backward, the gradient of the logits plus the same temporaries.
+    """
+    if logits.shape[:-1] != token_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and token_ids {tuple(token_ids.shape)} do not match")
+    if temperature <= 0 or proxy_temperature <= 0:
+        raise ValueError("temperatures must be positive")
+    log_kappa = None if proxy_min_p is None else log_min_p(proxy_min_p)
+    chunk_size = chunk_size or default_chunk_size(logits.shape[-1])
+    ids = token_ids.reshape(-1).clamp(min=0)
+    shape = token_ids.shape
+    if torch.is_grad_enabled() and logits.requires_grad:
+        log_prob, entropy, proxy = _TokenStatsFn.apply(
+            logits, ids, float(temperature), compute_entropy, log_kappa, float(proxy_temperature), chunk_size
+        )
+        entropy = entropy if compute_entropy else None
+        proxy = proxy if log_kappa is not None else None
+    else:
+        log_prob, _, entropy, proxy = _forward(
+            logits.detach(), ids, float(temperature), compute_entropy, log_kappa, float(proxy_temperature), chunk_size
+        )
+    return TokenStats(
+        log_prob=log_prob.view(shape),
+        entropy=None if entropy is None else entropy.view(shape),
+        proxy_log_prob=None if proxy is None else proxy.view(shape),
+    )

@@ -102,6 +102,18 @@ class AlgorithmConfig:
     lp_reg_temperature: float = 1.0
     kl_type: str = "low_var_kl"
     entropy_coef: float = 0.0
+    # KL-Cov: fraction of valid tokens (highest advantage/log-prob covariance) that pay
+    # kl_cov_coef * |log r|.
+    kl_cov_ratio: float = 0.002
+    kl_cov_coef: float = 1.0
+    # Clip-Cov: fraction of tokens, with covariance in (lb, ub), whose gradient is dropped.
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    # 80/20: fraction of highest-entropy tokens that train.
+    entropy_top_frac: float = 0.2
+    # seq-mean-token-sum-norm divides by this constant length; None: the padded length.
+    loss_scale_factor: Optional[float] = None
 
 
 @dataclass

@@ -203,7 +203,8 @@ def policy_loss(
         kl_cov_ratio, kl_cov_coef: KL-Cov's fraction of valid tokens (top covariance) that get
             ``kl_cov_coef * |log_prob - old_log_prob|``; its surrogate is unclipped.
         clip_cov_ratio, clip_cov_lb, clip_cov_ub: Clip-Cov detaches up to
-            ``max(1, floor(ratio * N))`` random unclipped tokens with covariance in (lb, ub).
+            ``max(1, floor(ratio * N))`` random unclipped tokens with covariance in (lb, ub);
+            ratio 0 turns it off.
         entropy_top_frac: 80/20 trains only on the ``max(1, floor(frac * N))`` highest-entropy tokens.
         global_num_tokens, global_num_seqs, loss_scale_factor: see ``aggregate_loss``. For
             entropy_8020 the token denominator becomes ``entropy_top_frac * global_num_tokens``
@@ -284,7 +285,8 @@ def policy_loss(
         cov = _centred_cov(advantages, log_prob, valid)
         candidates = valid & ~clipped & (cov > clip_cov_lb) & (cov < clip_cov_ub)
         candidate_idx = candidates.reshape(-1).nonzero().squeeze(-1)
-        num_detach = min(max(int(clip_cov_ratio * num_valid), 1), candidate_idx.numel())
+        num_detach = max(int(clip_cov_ratio * num_valid), 1) if clip_cov_ratio > 0 else 0
+        num_detach = min(num_detach, candidate_idx.numel())
         perm = torch.randperm(candidate_idx.numel(), generator=generator)[:num_detach].to(device)
         detached = torch.zeros_like(valid)
         detached.view(-1)[candidate_idx[perm]] = True

@@ -1,0 +1,49 @@
+"""Every recipe only uses keys of the schema, and the Lp-Reg recipes hold the reference settings."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conf.schema import LpregConfig
+from learner import ADVANTAGE_ESTIMATORS, AGG_MODES, KL_TYPES, POLICY_LOSSES
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "conf" / "recipes").glob("*.yaml"))
+METHODS = ("lp_reg", "grpo", "clip_higher", "gspo", "kl_cov", "entropy_8020", "grpo_entropy")
+
+
+def load(path: Path):
+    return OmegaConf.merge(OmegaConf.structured(LpregConfig), OmegaConf.load(path))
+
+
+def test_one_on_and_one_off_policy_recipe_per_table_row():
+    names = {p.stem for p in RECIPES}
+    for method in METHODS:
+        assert {f"{method}_on_policy", f"{method}_off_policy"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_keys_exist_in_schema(path):
+    cfg = load(path)  # raises on unknown keys and wrong types
+    algo = cfg.algorithm
+    assert algo.loss in POLICY_LOSSES
+    assert algo.loss_agg_mode in AGG_MODES
+    assert algo.kl_type in KL_TYPES
+    assert algo.advantage in ADVANTAGE_ESTIMATORS
+    assert cfg.model.path is None  # the user points it at their model
+    on_policy = path.stem.endswith("_on_policy")
+    assert (algo.mini_batches_per_step == 1) == on_policy
+    assert cfg.data.prompts_per_step // algo.mini_batches_per_step == (256 if on_policy else 32)
+    assert cfg.trainer.run_name == path.stem
+
+
+@pytest.mark.parametrize("variant", ["on_policy", "off_policy"])
+def test_lp_reg_reference_settings(variant):
+    cfg = load(next(p for p in RECIPES if p.stem == f"lp_reg_{variant}"))
+    a = cfg.algorithm
+    assert (a.loss, a.clip_ratio_low, a.clip_ratio_high) == ("lp_reg", 1.0, 9.0)
+    assert (a.lp_reg_neg_frac, a.lp_reg_pos_frac, a.lp_reg_coef, a.lp_reg_min_p) == (0.01, 0.0, 1.0, 0.02)
+    assert (a.kl_type, a.entropy_coef, a.loss_agg_mode) == ("low_var_kl", 0.0, "token-mean")
+    assert (cfg.learner.lr, cfg.learner.grad_clip) == (1e-6, 1.0)
+    assert (cfg.rollout.samples_per_prompt, cfg.rollout.temperature) == (8, 1.0)
+    assert cfg.rollout.max_response_tokens == 8192

@@ -158,10 +158,6 @@ class Learner:
     def last_export_stats(self) -> tuple[int, int]:
         return self._export_stats
 
-    def weights_checksum(self) -> float:
-        named = self._full_parameters()
-        return float(sum(t.double().abs().sum().item() for _, t in named)) if named else 0.0
-
     # -- GPU weight transfer (vLLM NCCL engine) ----------------------------------------
     def init_nccl_weight_transfer(self, rollout_handles: list, tensor_parallel_size: int) -> int:
         """Open one NCCL group per rollout worker: this rank is 0, the engine's TP ranks follow."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
 
 import torch
 
@@ -27,8 +26,8 @@ class TrainBatch:
     rollout_log_probs: torch.Tensor  # (B, R) log-probs vLLM reported while sampling
     prompt_length: int
     # Filled by the learner's no-grad pass when a batch is reused (off-policy).
-    old_log_probs: Optional[torch.Tensor] = None
-    proxy_log_probs: Optional[torch.Tensor] = None
+    old_log_probs: torch.Tensor | None = None
+    proxy_log_probs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -37,7 +36,7 @@ class TrainBatch:
     def response_length(self) -> int:
         return self.response_ids.shape[1]
 
-    def select(self, index: torch.Tensor | slice | list[int]) -> "TrainBatch":
+    def select(self, index: torch.Tensor | slice | list[int]) -> TrainBatch:
         """Rows ``index`` of every per-sequence tensor."""
         values = {}
         for f in fields(self):

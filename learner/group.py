@@ -49,7 +49,7 @@ class LearnerGroup:
     def train_step(self, batch: TrainBatch) -> list[LearnerStepResult]:
         shards = shard_for_learners(batch, self.algo.mini_batches_per_step, len(self.workers))
         refs = {name: w.train_step.remote(shard)
-                for (name, w), shard in zip(self.named_workers(), shards)}
+                for (name, w), shard in zip(self.named_workers(), shards, strict=True)}
         results = wait_named(refs, self.cfg.timeout_s, "finish its training step")
         return [results[name] for name, _ in self.named_workers()]
 
@@ -63,10 +63,6 @@ class LearnerGroup:
         # Every rank runs the pass: under ZeRO-3 a forward is a collective.
         refs = {name: w.compute_log_probs.remote(batch) for name, w in self.named_workers()}
         return wait_named(refs, self.cfg.timeout_s, "compute log-probs")["learner-0"]
-
-    def weights_checksum(self) -> float:
-        refs = {name: w.weights_checksum.remote() for name, w in self.named_workers()}
-        return wait_named(refs, self.cfg.timeout_s, "checksum its weights")["learner-0"]
 
     def shutdown(self) -> None:
         import ray

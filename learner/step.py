@@ -7,7 +7,7 @@ through DeepSpeed; tests pass plain torch ones.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -78,7 +78,7 @@ def policy_loss_kwargs(algo: AlgorithmConfig) -> dict:
 def extra_loss_kwargs(algo: AlgorithmConfig) -> dict:
     """Parameters of the baseline losses that only some losses read."""
     names = ("kl_cov_ratio", "kl_cov_coef", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub",
-             "entropy_top_frac")
+             "entropy_top_frac", "loss_scale_factor")
     return {name: getattr(algo, name) for name in names if hasattr(algo, name)}
 
 
@@ -128,7 +128,7 @@ def train_on_shard(
     kwargs = policy_loss_kwargs(algo)
     for _ in range(algo.epochs_per_step):
         for mini, num_tokens, num_seqs in zip(shard.mini_batches, shard.global_num_tokens,
-                                              shard.global_num_seqs):
+                                              shard.global_num_seqs, strict=True):
             for micro in micro_batches(mini, micro_batch_size):
                 stats = token_stats(
                     response_logits(model, micro), micro.response_ids,

@@ -75,7 +75,7 @@ class RolloutGroup:
         shards = balance_prompts(len(prompt_token_ids), len(self.workers))
         start = time.perf_counter()
         refs = {}
-        for (name, worker), shard in zip(self.named_workers(), shards):
+        for (name, worker), shard in zip(self.named_workers(), shards, strict=True):
             if shard:
                 refs[name] = worker.generate.remote(GenerationRequest(
                     prompt_indices=shard,
@@ -95,6 +95,12 @@ class RolloutGroup:
             seconds=seconds,
             generate_s_per_worker=[r.generate_s if r else 0.0 for r in by_worker],
         )
+
+    def weights_checksums(self) -> list[float]:
+        """One checksum of the engine weights per worker, in worker order."""
+        refs = {name: w.weights_checksum.remote() for name, w in self.named_workers()}
+        sums = wait_named(refs, self.cfg.timeout_s, "checksum its weights")
+        return [sums[name] for name, _ in self.named_workers()]
 
     def shutdown(self) -> None:
         import ray

@@ -56,7 +56,7 @@ class SyncReport:
 class WeightSync(ABC):
     """Publishes the learners' current weights to every rollout worker."""
 
-    def __init__(self, learners: "LearnerGroup", rollout: "RolloutGroup", timeout_s: float):
+    def __init__(self, learners: LearnerGroup, rollout: RolloutGroup, timeout_s: float):
         self.learners = learners
         self.rollout = rollout
         self.timeout_s = timeout_s
@@ -92,7 +92,7 @@ class NcclWeightSync(WeightSync):
     Other learner ranks only join the ZeRO-3 gather. Requires CUDA on both sides.
     """
 
-    def __init__(self, learners: "LearnerGroup", rollout: "RolloutGroup", timeout_s: float):
+    def __init__(self, learners: LearnerGroup, rollout: RolloutGroup, timeout_s: float):
         super().__init__(learners, rollout, timeout_s)
         self._initialised = False
 
@@ -119,7 +119,7 @@ class NcclWeightSync(WeightSync):
                           num_tensors=stats[0], num_bytes=stats[1])
 
 
-def make_weight_sync(transport: str, learners: "LearnerGroup", rollout: "RolloutGroup",
+def make_weight_sync(transport: str, learners: LearnerGroup, rollout: RolloutGroup,
                      timeout_s: float) -> WeightSync:
     if transport == "object_store":
         return ObjectStoreWeightSync(learners, rollout, timeout_s)

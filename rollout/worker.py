@@ -74,11 +74,11 @@ class RolloutWorker:
 
         samples = []
         for prompt_index, prompt_ids, output in zip(request.prompt_indices,
-                                                     request.prompt_token_ids, outputs):
+                                                     request.prompt_token_ids, outputs, strict=True):
             for completion in output.outputs:
                 token_ids = list(completion.token_ids)
                 logprobs = [step[token].logprob
-                            for step, token in zip(completion.logprobs, token_ids)]
+                            for step, token in zip(completion.logprobs, token_ids, strict=True)]
                 samples.append(Sample(
                     prompt_index=prompt_index,
                     prompt_token_ids=list(prompt_ids),

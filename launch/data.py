@@ -1,0 +1,106 @@
+"""Prompt data: the built-in synthetic task, JSONL files, and a resumable sampler."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: str
+    answer: str
+    data_source: str = "unknown"
+    id: str = ""
+
+
+class DataError(ValueError):
+    """A data row that cannot be used; the message names the file, row and field."""
+
+
+def synthetic_sums(num_problems: int, max_operand: int, num_operands: int,
+                   seed: int) -> list[PromptRecord]:
+    """``a+b=`` problems whose verifiable answer is ``\\boxed{a+b}``."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(num_problems):
+        operands = [rng.randrange(max_operand) for _ in range(num_operands)]
+        prompt = "+".join(str(x) for x in operands) + "="
+        records.append(PromptRecord(prompt=prompt, answer=str(sum(operands)),
+                                    data_source="synthetic_sum", id=f"sum-{i}"))
+    return records
+
+
+def load_jsonl(path: str | Path) -> list[PromptRecord]:
+    """Rows of ``{"prompt": str, "answer": str|number, "data_source"?: str, "id"?: str}``.
+
+    A malformed row is an error naming the file, the 1-based row and the field;
+    rows are never dropped silently.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for row_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, row {row_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            for name in ("prompt", "answer"):
+                if name not in row:
+                    raise DataError(f"{where}: missing field '{name}'")
+            if not isinstance(row["prompt"], str) or not row["prompt"]:
+                raise DataError(f"{where}: field 'prompt' must be a non-empty string")
+            if not isinstance(row["answer"], (str, int, float)):
+                raise DataError(f"{where}: field 'answer' must be a string or a number")
+            records.append(PromptRecord(
+                prompt=row["prompt"], answer=str(row["answer"]),
+                data_source=str(row.get("data_source", path.stem)),
+                id=str(row.get("id", f"{path.stem}-{row_number}"))))
+    if not records:
+        raise DataError(f"{path}: contains no rows")
+    return records
+
+
+class PromptSampler:
+    """Draws prompt batches from a fresh shuffle each epoch; its state is two ints."""
+
+    def __init__(self, records: list[PromptRecord], batch_size: int, seed: int):
+        if batch_size > len(records):
+            raise DataError(f"data.prompts_per_step={batch_size} exceeds the "
+                            f"{len(records)} prompts available")
+        self.records = records
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> list[int]:
+        order = list(range(len(self.records)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> list[PromptRecord]:
+        if self.position + self.batch_size > len(self._order):
+            self.epoch += 1
+            self.position = 0
+            self._order = self._shuffle(self.epoch)
+        picked = self._order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return [self.records[i] for i in picked]
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._shuffle(self.epoch)

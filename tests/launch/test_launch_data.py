@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from launch.data import DataError, PromptSampler, load_jsonl, synthetic_sums
+
+
+def test_synthetic_problems_are_reproducible_and_correct():
+    a = synthetic_sums(20, 50, 2, seed=3)
+    assert a == synthetic_sums(20, 50, 2, seed=3)
+    for record in a:
+        left, right = record.prompt.rstrip("=").split("+")
+        assert int(record.answer) == int(left) + int(right)
+
+
+def test_jsonl_rows_load(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1=", "answer": 2}) + "\n\n"
+                    + json.dumps({"prompt": "p", "answer": "x", "data_source": "s", "id": "7"}) + "\n")
+    rows = load_jsonl(path)
+    assert [r.answer for r in rows] == ["2", "x"]
+    assert rows[1].data_source == "s" and rows[1].id == "7"
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", "row 2: not valid JSON"),
+    ('{"answer": "1"}', "row 2: missing field 'prompt'"),
+    ('{"prompt": "q"}', "row 2: missing field 'answer'"),
+    ('{"prompt": 5, "answer": "1"}', "row 2: field 'prompt'"),
+    ('[1, 2]', "row 2: expected a JSON object"),
+])
+def test_malformed_rows_name_file_row_and_field(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(DataError, match=message) as err:
+        load_jsonl(path)
+    assert str(path) in str(err.value)
+
+
+def test_sampler_state_round_trips():
+    records = synthetic_sums(10, 50, 2, seed=0)
+    first = PromptSampler(records, 4, seed=1)
+    for _ in range(3):
+        first.next_batch()
+    resumed = PromptSampler(records, 4, seed=1)
+    resumed.load_state(first.state())
+    assert [first.next_batch() for _ in range(4)] == [resumed.next_batch() for _ in range(4)]
+
+
+def test_sampler_refuses_batches_larger_than_the_data():
+    with pytest.raises(DataError, match="prompts_per_step"):
+        PromptSampler(synthetic_sums(3, 50, 2, seed=0), 4, seed=0)

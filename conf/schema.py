@@ -8,7 +8,6 @@ overrides change values; they cannot add keys the schema does not know.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -27,7 +26,7 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     # A Hugging Face model directory. None builds the tiny model into the run directory.
-    path: Optional[str] = None
+    path: str | None = None
     # float32 keeps vLLM's and the learner's log-probs equal on CPU; bfloat16 for GPUs.
     dtype: str = "float32"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -36,7 +35,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # JSONL file of {"prompt", "answer"} rows. None uses the built-in synthetic task.
-    train_path: Optional[str] = None
+    train_path: str | None = None
     prompts_per_step: int = 8
     max_prompt_tokens: int = 64
     # Synthetic task: sums of `num_operands` integers below `max_operand`.
@@ -65,6 +64,11 @@ class RolloutConfig:
     timeout_s: float = 600.0
     # Seconds to wait for an engine to start.
     startup_timeout_s: float = 600.0
+    # "object_store" (CPU: Ray object store, then in-place reload), "nccl" (GPU: vLLM's
+    # NCCL weight transfer), or "auto": nccl when the rollout workers have GPUs.
+    weight_sync: str = "auto"
+    # After every sync, read back a checksum of every engine's weights and log it.
+    verify_weight_sync: bool = False
 
 
 @dataclass
@@ -113,7 +117,7 @@ class AlgorithmConfig:
     # 80/20: fraction of highest-entropy tokens that train.
     entropy_top_frac: float = 0.2
     # seq-mean-token-sum-norm divides by this constant length; None: the padded length.
-    loss_scale_factor: Optional[float] = None
+    loss_scale_factor: float | None = None
 
 
 @dataclass
@@ -121,7 +125,7 @@ class VerifierConfig:
     timeout_s: float = 5.0
     num_workers: int = 2
     # "package.module:function" for a user-written reward; None uses the math verifier.
-    reward_fn: Optional[str] = None
+    reward_fn: str | None = None
     format_penalty: float = 0.0
 
 
@@ -136,9 +140,9 @@ class TrainerConfig:
 @dataclass
 class RayConfig:
     # None: RAY_ADDRESS when set, otherwise a private local cluster.
-    address: Optional[str] = None
+    address: str | None = None
     # Logical CPUs of the private local cluster; None sizes it to fit every actor.
-    num_cpus: Optional[int] = None
+    num_cpus: int | None = None
 
 
 @dataclass

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=["rollout", "loss", "verifier"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
+
+    from launch.jobs import add_job_commands
+
+    add_job_commands(sub)
     return parser
 
 

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time one step at these rollout worker counts, e.g. 1,2,3")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    # Same threads for both engines: Ray gives a one-CPU actor one OpenMP thread, and
+    # torch reads this only when it is first imported.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
     import ray
     from transformers import AutoTokenizer
@@ -66,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = [tokenizer(r.prompt)["input_ids"]
                   for r in synthetic_sums(args.prompts, 50, 2, seed=0)]
 
-    # Same threads for both: Ray gives a one-CPU actor one OpenMP thread.
     os.environ.update(engine_env(cfg))
-    os.environ["OMP_NUM_THREADS"] = "1"
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
              log_to_driver=False)
     group = RolloutGroup(1, model_path, ModelConfig(), cfg, seed=0)

@@ -14,34 +14,54 @@ from dataclasses import dataclass, field
 class TinyModelConfig:
     """Shape of the model built locally when ``model.path`` is not given."""
 
-    num_layers: int = 2
+    num_layers: int = 4
     hidden_size: int = 128
     num_heads: int = 2  # head_dim = hidden / heads = 64: CPU attention rejects smaller heads
-    num_kv_heads: int = 1
-    intermediate_size: int = 256
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
     max_position_embeddings: int = 256
     seed: int = 0
+    # Supervised warm start on the synthetic task (data.synthetic). It stops early on
+    # purpose: RL needs a model that is right sometimes, with room left to improve.
+    # 0 keeps the random initialisation.
+    warm_start_steps: int = 1500
+    warm_start_batch_size: int = 64
+    warm_start_lr: float = 2e-3
 
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face model directory. None builds the tiny model into the run directory.
+    # A Hugging Face model directory. None bootstraps the tiny model (once) into cache_dir.
     path: str | None = None
+    cache_dir: str = "models"
     # float32 keeps vLLM's and the learner's log-probs equal on CPU; bfloat16 for GPUs.
     dtype: str = "float32"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
 @dataclass
+class SyntheticTaskConfig:
+    """Generated problems with verifiable answers; the operand range is the difficulty knob."""
+
+    # "sum": a+b(+c...)=   "linear": solve a*x+b=c for the integer x
+    kind: str = "sum"
+    num_operands: int = 2
+    min_operand: int = 100
+    max_operand: int = 999
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
-    # JSONL file of {"prompt", "answer"} rows. None uses the built-in synthetic task.
+    # JSONL file of {"prompt", "answer"} rows. None uses the synthetic task.
     train_path: str | None = None
+    # Held-out problems for evaluation; None uses fresh synthetic ones.
+    eval_path: str | None = None
     prompts_per_step: int = 8
     max_prompt_tokens: int = 64
-    # Synthetic task: sums of `num_operands` integers below `max_operand`.
-    synthetic_num_problems: int = 2048
-    synthetic_max_operand: int = 50
-    synthetic_num_operands: int = 2
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
+    num_synthetic_train: int = 20000
+    num_synthetic_eval: int = 500
 
 
 @dataclass
@@ -135,6 +155,11 @@ class TrainerConfig:
     run_name: str = "demo"
     output_dir: str = "runs"
     seed: int = 0
+    # Held-out evaluation: before the first and after the last step, and every
+    # eval_every steps in between (0: only before and after; -1: never).
+    eval_every: int = 0
+    eval_temperature: float = 0.0  # 0 is greedy
+    eval_samples: int = 1  # k of mean@k / pass@k; 1 with temperature 0 is greedy accuracy
 
 
 @dataclass

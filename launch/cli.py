@@ -16,19 +16,23 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from launch.driver import Trainer
+    from launch.driver import Trainer, improvement_summary
 
     result = Trainer(cfg).run()
     print(f"run finished: {result.steps} steps, metrics in {result.run_dir / 'metrics.jsonl'}")
+    summary = improvement_summary(result.evaluations)
+    if summary:
+        print(summary)
     return 0
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from conf.schema import TinyModelConfig
-    from launch.tiny_model import build_tiny_model
+    from launch.bootstrap import bootstrap, tiny_model_dir
 
-    path = build_tiny_model(args.output, TinyModelConfig(seed=args.seed))
-    print(f"tiny model written to {path}")
+    cfg = load_config(args.config, args.overrides)
+    output = args.output or tiny_model_dir(cfg.model.cache_dir, cfg.model.tiny, cfg.data.synthetic)
+    path = bootstrap(output, cfg.model.tiny, cfg.data.synthetic)
+    print(f"tiny model ready in {path}")
     return 0
 
 
@@ -52,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dotted overrides, e.g. trainer.total_steps=10")
     train.set_defaults(func=_train)
 
-    boot = sub.add_parser("bootstrap", help="build the tiny offline model and tokenizer")
-    boot.add_argument("--output", default="models/tiny")
-    boot.add_argument("--seed", type=int, default=0)
+    boot = sub.add_parser(
+        "bootstrap", help="build and warm-start the tiny offline model (what train uses by default)")
+    boot.add_argument("--output", help="model directory (default: model.cache_dir/tiny-<hash>)")
+    boot.add_argument("-c", "--config", help="recipe YAML file, or the name of a shipped recipe")
+    boot.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="e.g. model.tiny.warm_start_steps=2000 data.synthetic.max_operand=99")
     boot.set_defaults(func=_bootstrap)
 
     bench = sub.add_parser("bench", help="benchmarks: rollout, loss, verifier")

@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from conf.schema import SyntheticTaskConfig
+
 
 @dataclass(frozen=True)
 class PromptRecord:
@@ -20,16 +22,29 @@ class DataError(ValueError):
     """A data row that cannot be used; the message names the file, row and field."""
 
 
-def synthetic_sums(num_problems: int, max_operand: int, num_operands: int,
-                   seed: int) -> list[PromptRecord]:
-    """``a+b=`` problems whose verifiable answer is ``\\boxed{a+b}``."""
+def synthetic_problems(task: SyntheticTaskConfig, num_problems: int,
+                       seed: int) -> list[PromptRecord]:
+    """Problems with exact integer answers, reproducible from ``seed``.
+
+    ``sum``: ``a+b=`` (more operands make more steps). ``linear``: ``a*x+b=c, x=`` with an
+    integer solution. The operand range sets the difficulty.
+    """
     rng = random.Random(seed)
+    low, high = task.min_operand, task.max_operand
+    if low > high:
+        raise DataError(f"data.synthetic.min_operand={low} exceeds max_operand={high}")
     records = []
     for i in range(num_problems):
-        operands = [rng.randrange(max_operand) for _ in range(num_operands)]
-        prompt = "+".join(str(x) for x in operands) + "="
-        records.append(PromptRecord(prompt=prompt, answer=str(sum(operands)),
-                                    data_source="synthetic_sum", id=f"sum-{i}"))
+        if task.kind == "sum":
+            operands = [rng.randint(low, high) for _ in range(max(2, task.num_operands))]
+            prompt, answer = "+".join(map(str, operands)) + "=", sum(operands)
+        elif task.kind == "linear":
+            a, x, b = rng.randint(2, 9), rng.randint(low, high), rng.randint(low, high)
+            prompt, answer = f"{a}*x+{b}={a * x + b}, x=", x
+        else:
+            raise DataError(f"data.synthetic.kind={task.kind!r}: expected 'sum' or 'linear'")
+        records.append(PromptRecord(prompt=prompt, answer=str(answer),
+                                    data_source=f"synthetic_{task.kind}", id=f"{task.kind}-{seed}-{i}"))
     return records
 
 

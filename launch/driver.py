@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from conf.schema import LpregConfig
 from launch.config import to_yaml
-from launch.data import PromptRecord, PromptSampler, load_jsonl, synthetic_sums
+from launch.data import PromptRecord, PromptSampler, load_jsonl, synthetic_problems
+from launch.evaluation import EvalResult, evaluate
 from launch.metrics import MetricsWriter
 
 log = logging.getLogger("lpreg")
@@ -23,6 +25,7 @@ class RunResult:
     run_dir: Path
     steps: int
     last_metrics: dict
+    evaluations: list[EvalResult] = field(default_factory=list)
 
 
 def prepare_run_dir(cfg: LpregConfig) -> Path:
@@ -32,7 +35,8 @@ def prepare_run_dir(cfg: LpregConfig) -> Path:
     return run_dir
 
 
-def resolve_model_path(cfg: LpregConfig, run_dir: Path) -> str:
+def resolve_model_path(cfg: LpregConfig) -> str:
+    """The user's model directory, or the bootstrapped tiny model (built once, then reused)."""
     if cfg.model.path:
         path = Path(cfg.model.path).expanduser()
         if not (path / "config.json").is_file():
@@ -41,16 +45,32 @@ def resolve_model_path(cfg: LpregConfig, run_dir: Path) -> str:
             raise ConfigError(f"config key 'model.path': {path} is not a Hugging Face model "
                               "directory (no config.json)")
         return str(path.resolve())
-    from launch.tiny_model import build_tiny_model
+    from launch.bootstrap import bootstrap, tiny_model_dir
 
-    return str(build_tiny_model(run_dir / "tiny-model", cfg.model.tiny).resolve())
+    path = tiny_model_dir(cfg.model.cache_dir, cfg.model.tiny, cfg.data.synthetic)
+    if not path.exists():
+        log.info("bootstrapping the tiny model into %s (once; later runs reuse it)", path)
+    return str(bootstrap(path, cfg.model.tiny, cfg.data.synthetic).resolve())
 
 
-def load_prompts(cfg: LpregConfig) -> list[PromptRecord]:
+def load_prompts(cfg: LpregConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """Training prompts and held-out evaluation prompts."""
     if cfg.data.train_path:
-        return load_jsonl(cfg.data.train_path)
-    return synthetic_sums(cfg.data.synthetic_num_problems, cfg.data.synthetic_max_operand,
-                          cfg.data.synthetic_num_operands, seed=cfg.trainer.seed)
+        train = load_jsonl(cfg.data.train_path)
+    else:
+        train = synthetic_problems(cfg.data.synthetic, cfg.data.num_synthetic_train,
+                                   seed=cfg.data.synthetic.seed)
+    if cfg.data.eval_path:
+        held_out = load_jsonl(cfg.data.eval_path)
+    elif cfg.data.train_path:
+        held_out = []
+    else:
+        # A different seed, and never a problem the policy trains on.
+        seen = {r.prompt for r in train}
+        candidates = synthetic_problems(cfg.data.synthetic, 2 * cfg.data.num_synthetic_eval,
+                                        seed=cfg.data.synthetic.seed + 1_000_003)
+        held_out = [r for r in candidates if r.prompt not in seen][: cfg.data.num_synthetic_eval]
+    return train, held_out
 
 
 def tokenize_prompts(tokenizer, records: list[PromptRecord], max_tokens: int):
@@ -109,13 +129,17 @@ class Trainer:
 
         cfg = self.cfg
         run_dir = prepare_run_dir(cfg)
-        model_path = resolve_model_path(cfg, run_dir)
+        model_path = resolve_model_path(cfg)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+        train_records, eval_records = load_prompts(cfg)
         records, prompt_ids, dropped = tokenize_prompts(
-            tokenizer, load_prompts(cfg), cfg.data.max_prompt_tokens)
-        if dropped:
-            log.warning("dropped %d prompts longer than data.max_prompt_tokens=%d",
-                        dropped, cfg.data.max_prompt_tokens)
+            tokenizer, train_records, cfg.data.max_prompt_tokens)
+        eval_records, eval_ids, eval_dropped = tokenize_prompts(
+            tokenizer, eval_records, cfg.data.max_prompt_tokens)
+        if dropped or eval_dropped:
+            log.warning("skipped %d training and %d evaluation prompts longer than "
+                        "data.max_prompt_tokens=%d", dropped, eval_dropped,
+                        cfg.data.max_prompt_tokens)
         ids_of = {id(r): ids for r, ids in zip(records, prompt_ids, strict=True)}
         sampler = PromptSampler(records, cfg.data.prompts_per_step, seed=cfg.trainer.seed)
 
@@ -134,6 +158,7 @@ class Trainer:
         rollout = learners = None
         writer = MetricsWriter(run_dir)
         last: dict = {}
+        evaluations: list[EvalResult] = []
         try:
             t0 = time.perf_counter()
             rollout = RolloutGroup(cfg.rollout.num_workers, model_path, cfg.model, cfg.rollout,
@@ -145,6 +170,21 @@ class Trainer:
             sync = make_weight_sync(weight_transport(cfg), learners, rollout,
                                     timeout_s=cfg.rollout.timeout_s)
             log.info("actors ready in %.1fs", time.perf_counter() - t0)
+
+            def run_eval(at_step: int) -> dict:
+                if not eval_records:
+                    return {}
+                result = evaluate(rollout, verifier, eval_records, eval_ids, step=at_step,
+                                  temperature=cfg.trainer.eval_temperature,
+                                  samples=cfg.trainer.eval_samples, seed=cfg.trainer.seed)
+                evaluations.append(result)
+                with (run_dir / "eval.jsonl").open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(result.as_record(), sort_keys=True) + "\n")
+                log.info("eval at step %d: %s", at_step, _headline(result.metrics))
+                return result.metrics
+
+            if cfg.trainer.eval_every >= 0:
+                run_eval(0)
             version = 0
             for step in range(1, cfg.trainer.total_steps + 1):
                 step_start = time.perf_counter()
@@ -191,6 +231,9 @@ class Trainer:
                 })
                 if cfg.rollout.verify_weight_sync:
                     metrics["weights/rollout_checksums"] = rollout.weights_checksums()
+                every = cfg.trainer.eval_every
+                if (every > 0 and step % every == 0) or (every >= 0 and step == cfg.trainer.total_steps):
+                    metrics.update(run_eval(step))
                 writer.write(step, metrics)
                 last = metrics
                 log.info("step %d/%d reward %.3f len %.1f rollout %.1fs update %.1fs sync %.2fs",
@@ -205,5 +248,26 @@ class Trainer:
                     group.shutdown()
             if started_ray:
                 ray.shutdown()
-        return RunResult(run_dir=run_dir, steps=cfg.trainer.total_steps, last_metrics=last)
+        return RunResult(run_dir=run_dir, steps=cfg.trainer.total_steps, last_metrics=last,
+                         evaluations=evaluations)
+
+
+def _headline(metrics: dict) -> str:
+    key = next((k for k in ("eval/accuracy", "eval/pass@1") if k in metrics), None)
+    if key is None:
+        key = next(k for k in metrics if k.startswith("eval/mean@"))
+    return f"{key} {100 * metrics[key]:.1f}% over {int(metrics['eval/num_problems'])} problems"
+
+
+def improvement_summary(evaluations: list[EvalResult]) -> str | None:
+    """'before -> after' for the headline metric, as printed at the end of a run."""
+    if len(evaluations) < 2:
+        return None
+    first, final = evaluations[0].metrics, evaluations[-1].metrics
+    key = "eval/accuracy" if "eval/accuracy" in first else next(
+        k for k in first if k.startswith("eval/mean@"))
+    before, after = 100 * first[key], 100 * final[key]
+    return (f"held-out {key.removeprefix('eval/')}: {before:.1f}% at step "
+            f"{evaluations[0].step} -> {after:.1f}% at step {evaluations[-1].step} "
+            f"({after - before:+.1f} points, {int(final['eval/num_problems'])} problems)")
 

@@ -78,15 +78,30 @@ def build_tiny_model(output_dir: str | Path, cfg: TinyModelConfig | None = None)
     torch.manual_seed(cfg.seed)
     model = Qwen2ForCausalLM(config).to(torch.float32)
 
+    save_tiny_model(model, tokenizer, output_dir, {"tiny": vars(cfg)})
+    return output_dir
+
+
+def load_tiny_model(path: str | Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def save_tiny_model(model, tokenizer, output_dir: str | Path, info: dict) -> Path:
+    """Write model, tokenizer and a marker; the directory appears only when complete."""
+    import shutil
+
+    output_dir = Path(output_dir)
     tmp_dir = output_dir.with_name(output_dir.name + ".partial")
-    tmp_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
     model.save_pretrained(tmp_dir, safe_serialization=True)
     tokenizer.save_pretrained(tmp_dir)
-    (tmp_dir / "lpreg_tiny.json").write_text(json.dumps({"tiny": vars(cfg)}, indent=2))
+    (tmp_dir / "lpreg_tiny.json").write_text(json.dumps(info, indent=2))
     # Rename last, so a half-written model is never mistaken for a complete one.
-    if output_dir.exists():
-        import shutil
-
-        shutil.rmtree(output_dir)
+    shutil.rmtree(output_dir, ignore_errors=True)
     tmp_dir.rename(output_dir)
     return output_dir

@@ -64,10 +64,14 @@ class RolloutGroup:
     def named_workers(self):
         return [(f"rollout-{i}", w) for i, w in enumerate(self.workers)]
 
-    def generate(self, prompt_token_ids: list[list[int]], seed: int) -> RolloutStepResult:
+    def generate(self, prompt_token_ids: list[list[int]], seed: int, *,
+                 samples_per_prompt: int | None = None,
+                 temperature: float | None = None) -> RolloutStepResult:
+        """Spread the prompts over the workers; evaluation overrides ``n`` and temperature."""
+        samples_per_prompt = samples_per_prompt or self.cfg.samples_per_prompt
         sampling = SamplingSettings(
-            samples_per_prompt=self.cfg.samples_per_prompt,
-            temperature=self.cfg.temperature,
+            samples_per_prompt=samples_per_prompt,
+            temperature=self.cfg.temperature if temperature is None else temperature,
             top_p=self.cfg.top_p,
             max_response_tokens=self.cfg.max_response_tokens,
             seed=seed,
@@ -90,7 +94,7 @@ class RolloutGroup:
                          key=lambda s: s.prompt_index)  # stable: keeps sample order
         return RolloutStepResult(
             samples=samples,
-            requests_per_worker=[len(shard) * self.cfg.samples_per_prompt for shard in shards],
+            requests_per_worker=[len(shard) * samples_per_prompt for shard in shards],
             tokens_per_worker=[r.num_response_tokens if r else 0 for r in by_worker],
             seconds=seconds,
             generate_s_per_worker=[r.generate_s if r else 0.0 for r in by_worker],

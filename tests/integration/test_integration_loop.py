@@ -26,7 +26,9 @@ def two_by_two_run(tmp_path_factory):
            "trainer.total_steps=3", "trainer.run_name=loop", f"trainer.output_dir={out}",
            "rollout.num_workers=2", "learner.num_workers=2", "learner.zero_stage=2",
            "rollout.verify_weight_sync=true", "learner.lr=1e-3",
-           "verifier.reward_fn=toy_rewards:digit_share"]
+           "verifier.reward_fn=toy_rewards:digit_share", "trainer.eval_every=-1",
+           # A random tiny model: this test is about the plumbing, not learning.
+           "model.tiny.warm_start_steps=0", f"model.cache_dir={out / 'models'}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run_dir = out / "loop"

@@ -2,15 +2,32 @@ import json
 
 import pytest
 
-from launch.data import DataError, PromptSampler, load_jsonl, synthetic_sums
+from conf.schema import SyntheticTaskConfig
+from launch.data import DataError, PromptSampler, load_jsonl, synthetic_problems
 
 
-def test_synthetic_problems_are_reproducible_and_correct():
-    a = synthetic_sums(20, 50, 2, seed=3)
-    assert a == synthetic_sums(20, 50, 2, seed=3)
+def test_synthetic_sums_are_reproducible_and_correct():
+    task = SyntheticTaskConfig(kind="sum", num_operands=3, min_operand=10, max_operand=99)
+    a = synthetic_problems(task, 20, seed=3)
+    assert a == synthetic_problems(task, 20, seed=3)
+    assert a != synthetic_problems(task, 20, seed=4)
     for record in a:
-        left, right = record.prompt.rstrip("=").split("+")
-        assert int(record.answer) == int(left) + int(right)
+        operands = [int(x) for x in record.prompt.rstrip("=").split("+")]
+        assert len(operands) == 3 and all(10 <= x <= 99 for x in operands)
+        assert int(record.answer) == sum(operands)
+
+
+def test_synthetic_linear_equations_have_their_answer_as_solution():
+    task = SyntheticTaskConfig(kind="linear", min_operand=1, max_operand=50)
+    for record in synthetic_problems(task, 20, seed=0):
+        lhs, rhs = record.prompt.removesuffix(", x=").split("=")
+        a, b = lhs.split("*x+")
+        assert int(a) * int(record.answer) + int(b) == int(rhs)
+
+
+def test_unknown_task_kind_names_the_key():
+    with pytest.raises(DataError, match="data.synthetic.kind"):
+        synthetic_problems(SyntheticTaskConfig(kind="calculus"), 1, seed=0)
 
 
 def test_jsonl_rows_load(tmp_path):
@@ -38,7 +55,7 @@ def test_malformed_rows_name_file_row_and_field(tmp_path, line, message):
 
 
 def test_sampler_state_round_trips():
-    records = synthetic_sums(10, 50, 2, seed=0)
+    records = synthetic_problems(SyntheticTaskConfig(), 10, seed=0)
     first = PromptSampler(records, 4, seed=1)
     for _ in range(3):
         first.next_batch()
@@ -49,4 +66,4 @@ def test_sampler_state_round_trips():
 
 def test_sampler_refuses_batches_larger_than_the_data():
     with pytest.raises(DataError, match="prompts_per_step"):
-        PromptSampler(synthetic_sums(3, 50, 2, seed=0), 4, seed=0)
+        PromptSampler(synthetic_problems(SyntheticTaskConfig(), 3, seed=0), 4, seed=0)

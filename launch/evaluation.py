@@ -1,0 +1,70 @@
+"""Held-out evaluation through the rollout workers: greedy accuracy, mean@k and pass@k."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from launch.data import PromptRecord
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al., 2021): 1 - C(n-c, k) / C(n, k)."""
+    if k > num_samples:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {num_samples}")
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+@dataclass
+class EvalResult:
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def as_record(self) -> dict:
+        return {"step": self.step, **self.metrics}
+
+
+def summarize(records: list[PromptRecord], scores_per_prompt: list[list[float]], k: int,
+              prefix: str = "eval") -> dict[str, float]:
+    """Accuracy metrics overall and per ``data_source``.
+
+    With one sample per prompt the mean is the (greedy) accuracy; with several,
+    ``mean@k`` averages them and ``pass@k`` is the unbiased estimate.
+    """
+    by_source: dict[str, list[list[float]]] = defaultdict(list)
+    for record, scores in zip(records, scores_per_prompt, strict=True):
+        by_source[record.data_source].append(scores)
+    metrics: dict[str, float] = {}
+    groups = {"": [s for scores in by_source.values() for s in scores], **{
+        f"/{source}": scores for source, scores in by_source.items()}}
+    for suffix, groups_scores in groups.items():
+        correct = [[score >= 1.0 for score in scores] for scores in groups_scores]
+        if k == 1:
+            metrics[f"{prefix}/accuracy{suffix}"] = statistics.fmean(c[0] for c in correct)
+        else:
+            metrics[f"{prefix}/mean@{k}{suffix}"] = statistics.fmean(
+                sum(c) / len(c) for c in correct)
+            metrics[f"{prefix}/pass@{k}{suffix}"] = statistics.fmean(
+                pass_at_k(len(c), sum(c), k) for c in correct)
+        metrics[f"{prefix}/num_problems{suffix}"] = float(len(groups_scores))
+    return metrics
+
+
+def evaluate(rollout, verifier, records: list[PromptRecord], prompt_ids: list[list[int]],
+             *, step: int, temperature: float, samples: int, seed: int) -> EvalResult:
+    """Generate on the rollout workers with the weights they hold now, and score."""
+    result = rollout.generate(prompt_ids, seed=seed, samples_per_prompt=samples,
+                              temperature=temperature)
+    report = verifier.score_batch_detailed(
+        [s.response_text for s in result.samples],
+        [records[s.prompt_index].answer for s in result.samples])
+    per_prompt: list[list[float]] = [[] for _ in records]
+    for sample, score in zip(result.samples, report.scores, strict=True):
+        per_prompt[sample.prompt_index].append(score)
+    metrics = summarize(records, per_prompt, k=samples)
+    metrics["eval/temperature"] = temperature
+    return EvalResult(step=step, metrics=metrics)

@@ -22,8 +22,10 @@ class LearnerStepResult:
     num_optimizer_steps: int
 
 
-def deepspeed_config(cfg: LearnerConfig, grad_accum_steps: int) -> dict[str, Any]:
+def deepspeed_config(cfg: LearnerConfig, grad_accum_steps: int, dtype: str) -> dict[str, Any]:
     return {
+        # bf16 weights: DeepSpeed keeps fp32 master weights and optimizer state.
+        "bf16": {"enabled": dtype == "bfloat16"},
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": cfg.grad_clip,
@@ -77,7 +79,7 @@ class Learner:
         torch.manual_seed(self.seed)
 
         model = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=getattr(torch, self.model_cfg.dtype))
+            self.model_path, **_dtype_kwarg(getattr(torch, self.model_cfg.dtype)))
         if torch.cuda.is_available():
             model = model.cuda()
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr,
@@ -85,11 +87,13 @@ class Learner:
                                       weight_decay=self.cfg.weight_decay)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer,
-            config=deepspeed_config(self.cfg, grad_accum_steps))
+            config=deepspeed_config(self.cfg, grad_accum_steps, self.model_cfg.dtype))
         return self.rank
 
     # -- training -------------------------------------------------------------------
     def train_step(self, shard: LearnerShard) -> LearnerStepResult:
+        import torch
+
         from learner.step import train_on_shard
 
         engine = self.engine
@@ -98,8 +102,17 @@ class Learner:
         shard.mini_batches = [_to_device(mini, device) for mini in shard.mini_batches]
         steps = 0
 
+        boundary_grad_norm = None
+
         def backward(loss) -> None:
+            nonlocal boundary_grad_norm
             engine.backward(loss, scale_wrt_gas=False)
+            if engine.is_gradient_accumulation_boundary() and self.cfg.zero_stage == 0:
+                # Without ZeRO, DeepSpeed does not record the norm; the gradients are
+                # whole and already averaged over ranks here, before step() clips them.
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                boundary_grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
             # DeepSpeed counts micro-steps and only clips, steps and zeroes at the
             # accumulation boundary; the step count per mini-batch equals its
             # gradient_accumulation_steps by construction.
@@ -109,6 +122,8 @@ class Learner:
             nonlocal steps
             steps += 1
             grad_norm = engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = boundary_grad_norm
             return {"actor/grad_norm": float(grad_norm)} if grad_norm is not None else {}
 
         metrics = train_on_shard(
@@ -189,6 +204,14 @@ class Learner:
                 transfer.send_weights()
         self._export_stats = (len(params), sum(p.numel() * p.element_size() for p in params))
         return len(self._nccl_engines)
+
+
+def _dtype_kwarg(dtype) -> dict:
+    """transformers 5 calls it ``dtype``; 4.x only knows ``torch_dtype``."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
 
 
 class _nullcontext:

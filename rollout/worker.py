@@ -50,6 +50,7 @@ class RolloutWorker:
             # which is what the learner's importance ratios are measured against.
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
+            **_weight_transfer_kwargs(rollout_cfg),
         )
 
     def ready(self) -> int:
@@ -113,3 +114,33 @@ class RolloutWorker:
 
     def collective_rpc(self, method: str, args: tuple = ()) -> list:
         return self.llm.collective_rpc(method, args=args)
+
+    # -- GPU path: the control plane of vLLM's NCCL weight transfer. The learner's
+    # trainer-side engine calls these through a Ray client while it broadcasts.
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.init_weight_transfer_engine(request)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, request) -> None:
+        self.llm.update_weights(request)
+
+    def finish_weight_update(self) -> None:
+        self.llm.finish_weight_update()
+
+    def update_weight_version(self, version: str) -> None:
+        self.llm.update_weight_version(version)
+
+
+def _weight_transfer_kwargs(cfg: RolloutConfig) -> dict:
+    """Open vLLM's NCCL weight-transfer endpoint when weights will arrive over NCCL."""
+    nccl = cfg.weight_sync == "nccl" or (cfg.weight_sync == "auto" and cfg.gpus_per_worker > 0)
+    if not nccl:
+        return {}
+    from vllm.config.weight_transfer import WeightTransferConfig
+
+    return {"weight_transfer_config": WeightTransferConfig(backend="nccl")}

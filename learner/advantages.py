@@ -51,7 +51,8 @@ def _group_stats(scores: Tensor, group_index: Any) -> tuple[Tensor, Tensor, Tens
     x = scores.detach().reshape(-1).to(torch.float64)
     ids = _group_ids(group_index, x.numel(), x.device)
     num_groups = int(ids.max().item()) + 1 if ids.numel() else 0
-    count = torch.zeros(num_groups, dtype=torch.float64, device=x.device).index_add_(0, ids, torch.ones_like(x))
+    count = torch.zeros(num_groups, dtype=torch.float64, device=x.device)
+    count.index_add_(0, ids, torch.ones_like(x))
     total = torch.zeros_like(count).index_add_(0, ids, x)
     mean = (total / count)[ids]
     sq_dev = torch.zeros_like(count).index_add_(0, ids, (x - mean) ** 2)
@@ -143,5 +144,6 @@ def compute_advantages(
     try:
         fn = ADVANTAGE_ESTIMATORS[name]
     except KeyError:
-        raise ValueError(f"unknown advantage estimator {name!r}; choose from {sorted(ADVANTAGE_ESTIMATORS)}") from None
+        choices = sorted(ADVANTAGE_ESTIMATORS)
+        raise ValueError(f"unknown advantage estimator {name!r}; choose from {choices}") from None
     return fn(scores, group_index, **kwargs)

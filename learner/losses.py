@@ -118,7 +118,9 @@ def aggregate_loss(
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; choose from {AGG_MODES}")
 
 
-def _clipped_surrogate(advantages: Tensor, ratio: Tensor, clip_low: float, clip_high: float) -> tuple[Tensor, Tensor]:
+def _clipped_surrogate(
+    advantages: Tensor, ratio: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor]:
     """PPO's pessimistic surrogate and where the clipped branch won."""
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)

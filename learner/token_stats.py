@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from learner.proxy import (
+    check_min_p,
     compute_dtype,
     default_chunk_size,
     iter_chunks,
-    log_min_p,
     proxy_from_shifted,
 )
 
@@ -48,7 +48,7 @@ def _forward(
     ids: Tensor,
     temperature: float,
     compute_entropy: bool,
-    log_kappa: float | None,
+    kappa: float | None,
     proxy_temperature: float,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -58,7 +58,7 @@ def _forward(
     new = {"dtype": dtype, "device": logits.device}
     log_prob, lse = torch.empty(n, **new), torch.empty(n, **new)
     entropy = torch.empty(n, **new) if compute_entropy else None
-    proxy = torch.empty(n, **new) if log_kappa is not None else None
+    proxy = torch.empty(n, **new) if kappa is not None else None
     for chunk, start, stop in iter_chunks(logits, chunk_size):
         tok = ids[start:stop]
         z = chunk.to(dtype)
@@ -76,18 +76,20 @@ def _forward(
         if proxy is not None:
             if temperature == 1.0:
                 # exp_shifted is no longer needed: the proxy may overwrite it.
-                proxy[start:stop] = proxy_from_shifted(shifted, tok, log_kappa, proxy_temperature, exp_shifted)
+                proxy[start:stop] = proxy_from_shifted(
+                    shifted, tok, kappa, proxy_temperature, exp_shifted
+                )
             else:
                 raw_shifted = z - z.amax(-1, keepdim=True)  # min-p threshold is at temperature 1
-                proxy[start:stop] = proxy_from_shifted(raw_shifted, tok, log_kappa, proxy_temperature)
+                proxy[start:stop] = proxy_from_shifted(raw_shifted, tok, kappa, proxy_temperature)
     return log_prob, lse, entropy, proxy
 
 
 class _TokenStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ids, temperature, compute_entropy, log_kappa, proxy_temperature, chunk_size):
+    def forward(ctx, logits, ids, temperature, compute_entropy, kappa, proxy_temperature, chunk_size):
         log_prob, lse, entropy, proxy = _forward(
-            logits, ids, temperature, compute_entropy, log_kappa, proxy_temperature, chunk_size
+            logits, ids, temperature, compute_entropy, kappa, proxy_temperature, chunk_size
         )
         ctx.set_materialize_grads(False)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -150,7 +152,7 @@ def token_stats(
         proxy_min_p: kappa of the min-p proxy; None skips it.
         proxy_temperature: temperature of the renormalised proxy (threshold is at T = 1).
         compute_entropy: entropy is one extra dot product per position when on.
-        chunk_size: positions per chunk; default keeps each temporary near 128 MiB.
+        chunk_size: positions per chunk; default ``learner.proxy.default_chunk_size``.
 
     Outputs are float32 (float64 for float64 logits) of shape ``token_ids.shape``.
     Memory beyond the logits: a few ``chunk_size x V`` temporaries and per-token vectors in
@@ -160,19 +162,20 @@ def token_stats(
         raise ValueError(f"logits {tuple(logits.shape)} and token_ids {tuple(token_ids.shape)} do not match")
     if temperature <= 0 or proxy_temperature <= 0:
         raise ValueError("temperatures must be positive")
-    log_kappa = None if proxy_min_p is None else log_min_p(proxy_min_p)
-    chunk_size = chunk_size or default_chunk_size(logits.shape[-1])
+    kappa = None if proxy_min_p is None else check_min_p(proxy_min_p)
+    chunk_size = chunk_size or default_chunk_size(logits.shape[-1], logits.device)
     ids = token_ids.reshape(-1).clamp(min=0)
     shape = token_ids.shape
     if torch.is_grad_enabled() and logits.requires_grad:
         log_prob, entropy, proxy = _TokenStatsFn.apply(
-            logits, ids, float(temperature), compute_entropy, log_kappa, float(proxy_temperature), chunk_size
+            logits, ids, float(temperature), compute_entropy, kappa, float(proxy_temperature), chunk_size
         )
         entropy = entropy if compute_entropy else None
-        proxy = proxy if log_kappa is not None else None
+        proxy = proxy if kappa is not None else None
     else:
         log_prob, _, entropy, proxy = _forward(
-            logits.detach(), ids, float(temperature), compute_entropy, log_kappa, float(proxy_temperature), chunk_size
+            logits.detach(), ids, float(temperature), compute_entropy, kappa,
+            float(proxy_temperature), chunk_size,
         )
     return TokenStats(
         log_prob=log_prob.view(shape),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from learner import POLICY_LOSSES, aggregate_loss, kl_penalty, policy_loss
+from learner import AGG_MODES, POLICY_LOSSES, aggregate_loss, kl_penalty, policy_loss
 
 F64 = torch.float64
 E2 = math.exp(2.0)
@@ -27,7 +27,8 @@ def grad_of(loss, x):
 def random_batch(seed=0, batch=6, length=40, off_policy=True):
     g = torch.Generator().manual_seed(seed)
     log_prob = (-3.0 * torch.rand(batch, length, generator=g, dtype=F64) ** 2).requires_grad_()
-    old = log_prob.detach() + (0.3 * torch.randn(batch, length, generator=g, dtype=F64) if off_policy else 0.0)
+    noise = 0.3 * torch.randn(batch, length, generator=g, dtype=F64)
+    old = log_prob.detach() + (noise if off_policy else 0.0)
     adv = torch.randn(batch, 1, generator=g, dtype=F64).expand(batch, length)
     lengths = torch.randint(length // 2, length + 1, (batch,), generator=g)
     mask = (torch.arange(length)[None, :] < lengths[:, None]).to(F64)
@@ -92,9 +93,10 @@ def test_aggregation_modes(mode, expected):
 
 def test_aggregation_global_denominators_and_scale_factor():
     assert aggregate_loss(LOSS_MAT, MASK, "token-mean", global_num_tokens=14).item() == pytest.approx(0.5)
-    assert aggregate_loss(LOSS_MAT, MASK, "seq-mean-token-mean", global_num_seqs=11).item() == pytest.approx(5.5 / 11)
-    assert aggregate_loss(LOSS_MAT, MASK, "seq-mean-token-sum", global_num_seqs=7).item() == pytest.approx(1.0)
-    assert aggregate_loss(LOSS_MAT, MASK, "seq-mean-token-sum-norm", loss_scale_factor=7).item() == pytest.approx(0.5)
+    agg = aggregate_loss
+    assert agg(LOSS_MAT, MASK, "seq-mean-token-mean", global_num_seqs=11).item() == pytest.approx(5.5 / 11)
+    assert agg(LOSS_MAT, MASK, "seq-mean-token-sum", global_num_seqs=7).item() == pytest.approx(1.0)
+    assert agg(LOSS_MAT, MASK, "seq-mean-token-sum-norm", loss_scale_factor=7).item() == pytest.approx(0.5)
     out = aggregate_loss(LOSS_MAT, MASK, "seq-mean-token-sum-norm", global_num_seqs=7, loss_scale_factor=2)
     assert out.item() == pytest.approx(0.5)
     assert aggregate_loss(LOSS_MAT, torch.zeros_like(MASK), "token-mean").item() == 0.0
@@ -102,7 +104,7 @@ def test_aggregation_global_denominators_and_scale_factor():
         aggregate_loss(LOSS_MAT, MASK, "sum")
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("mode", AGG_MODES)
 @pytest.mark.parametrize("name", ["ppo_clip", "gspo", "entropy_bonus"])
 def test_global_denominators_make_micro_batches_add_up(mode, name):
     """Sum of per-micro-batch losses (with global counts) == loss of the whole batch."""
@@ -279,7 +281,9 @@ def test_regularised_tokens_are_unclipped():
 def test_rho_zero_equals_ppo_clip_exactly(mode):
     log_prob, old, adv, mask, proxy, _ = random_batch(seed=3)
     kw = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "loss_agg_mode": mode}
-    reg, m_reg = policy_loss("lp_reg", log_prob, old, adv, mask, proxy_log_prob=proxy, lp_reg_neg_frac=0.0, **kw)
+    reg, m_reg = policy_loss(
+        "lp_reg", log_prob, old, adv, mask, proxy_log_prob=proxy, lp_reg_neg_frac=0.0, **kw
+    )
     ppo, m_ppo = policy_loss("ppo_clip", log_prob, old, adv, mask, proxy_log_prob=proxy, **kw)
     assert torch.equal(reg, ppo)
     assert torch.equal(grad_of(reg, log_prob), grad_of(ppo, log_prob))
@@ -325,7 +329,7 @@ def test_lp_reg_needs_proxy():
 
 
 @pytest.mark.parametrize("name", POLICY_LOSSES)
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("mode", AGG_MODES)
 def test_padding_changes_nothing(name, mode):
     log_prob, old, adv, mask, proxy, entropy = random_batch(seed=5, batch=5, length=30)
     kw = {"loss_agg_mode": mode, "loss_scale_factor": 30, "lp_reg_neg_frac": 0.2, "kl_cov_ratio": 0.05,

@@ -129,7 +129,7 @@ def test_chunked_equals_unchunked_on_a_strided_view():
         g = torch.autograd.grad((s.log_prob + 0.5 * s.entropy).sum(), logits)[0]
         outs.append((s.log_prob, s.entropy, s.proxy_log_prob, g))
     for out in outs[1:]:
-        for a, b in zip(out, outs[0]):
+        for a, b in zip(out, outs[0], strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert torch.equal(outs[0][3][:, :2], torch.zeros(3, 2, 30, dtype=F64))
 

@@ -180,3 +180,12 @@ class LpregConfig:
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # How each placement group spreads its bundles over nodes: PACK, SPREAD,
+    # STRICT_PACK or STRICT_SPREAD.
+    placement_strategy: str = "PACK"
+    # False: one placement group for the rollout workers and another for the learners,
+    # so neither can take the other's CPUs or GPUs. True: rollout worker i and learner
+    # rank i share bundle i; with fractional GPUs (e.g. 0.5 each) they share one GPU.
+    colocate: bool = False
+    # Seconds to wait for the placement groups before naming what could not be placed.
+    placement_timeout_s: float = 120.0

@@ -120,6 +120,7 @@ class Trainer:
         from transformers import AutoTokenizer
 
         from launch import ray_setup
+        from launch.placement import Placement
         from learner import compute_advantages
         from learner.batch import build_train_batch
         from learner.group import LearnerGroup
@@ -155,18 +156,20 @@ class Trainer:
                                 num_workers=cfg.verifier.num_workers,
                                 reward_fn=cfg.verifier.reward_fn,
                                 format_penalty=cfg.verifier.format_penalty)
-        rollout = learners = None
+        rollout = learners = placement = None
         writer = MetricsWriter(run_dir)
         last: dict = {}
         evaluations: list[EvalResult] = []
         try:
             t0 = time.perf_counter()
+            placement = Placement.create(cfg)
+            log.info("placement groups: %s", placement.describe())
             rollout = RolloutGroup(cfg.rollout.num_workers, model_path, cfg.model, cfg.rollout,
-                                   seed=cfg.trainer.seed)
+                                   seed=cfg.trainer.seed, placement=placement.rollout)
             learners = LearnerGroup(model_path, cfg.model, cfg.learner, cfg.algorithm,
                                     temperature=cfg.rollout.temperature,
                                     sequences_per_step=sequences_per_step,
-                                    seed=cfg.trainer.seed)
+                                    seed=cfg.trainer.seed, placement=placement.learner)
             sync = make_weight_sync(weight_transport(cfg), learners, rollout,
                                     timeout_s=cfg.rollout.timeout_s)
             log.info("actors ready in %.1fs", time.perf_counter() - t0)
@@ -246,6 +249,8 @@ class Trainer:
             for group in (rollout, learners):
                 if group is not None:
                     group.shutdown()
+            if placement is not None:
+                placement.remove()
             if started_ray:
                 ray.shutdown()
         return RunResult(run_dir=run_dir, steps=cfg.trainer.total_steps, last_metrics=last,

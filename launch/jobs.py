@@ -1,9 +1,431 @@
-"""Ray cluster jobs: ``lpreg submit``, ``status``, ``logs`` and ``stop``."""
+"""Ray cluster jobs: ``lpreg submit``, ``status``, ``logs`` and ``stop``.
+
+They talk to Ray's Jobs API, the HTTP server on the head's dashboard port (8265).
+``submit`` checks the config here first, then ships the project directory as the job's
+working directory and runs ``python -m launch.cli train ...`` on the head.
+
+Ray turns on token authentication for that API by default, and its client only sends
+the token when ``RAY_AUTH_MODE=token`` is set in the client's environment. lpreg looks
+the token up itself, where Ray would (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``,
+``~/.ray/auth_token``), and always sends it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch.config import ConfigError, load_config, resolve_recipe
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+# Left out of the upload: environments, outputs, caches, VCS data and model weights.
+# Ray also honours .gitignore, but an explicit list keeps the upload small even when
+# the project is not a git checkout. Ray refuses working directories over 500 MiB.
+UPLOAD_EXCLUDES = [
+    ".venv/", "venv/", ".git/", "runs/", "/models/", ".bench/", ".gpu-wheels/",
+    "__pycache__/", "*.pyc", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/",
+    "*.egg-info/", "tensorboard/", "*.safetensors", "*.bin", "*.pt",
+]
+TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class JobCommandError(RuntimeError):
+    """A problem talking to the job server, phrased for the user."""
+
+
+# --- where the job server is ------------------------------------------------------
+
+def default_address(environ: Mapping[str, str] | None = None) -> str:
+    """RAY_API_SERVER_ADDRESS, else RAY_ADDRESS when it is an HTTP URL, else local 8265.
+
+    A RAY_ADDRESS of the ``HOST:6379`` form names the GCS, not the job server, so it
+    is not used here.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("RAY_API_SERVER_ADDRESS"):
+        return env["RAY_API_SERVER_ADDRESS"]
+    ray_address = env.get("RAY_ADDRESS", "")
+    if ray_address.startswith(("http://", "https://")):
+        return ray_address
+    return DEFAULT_ADDRESS
+
+
+def normalize_address(address: str) -> str:
+    """``HOST:8265`` -> ``http://HOST:8265``; no trailing slash."""
+    address = address.strip().rstrip("/")
+    if "://" not in address:
+        address = "http://" + address
+    if not address.startswith(("http://", "https://")):
+        raise JobCommandError(
+            f"--address {address!r}: the job server is an http(s) URL such as "
+            f"{DEFAULT_ADDRESS} (the dashboard port), not a ray:// or GCS address")
+    return address
+
+
+# --- the token ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenLookup:
+    """The token lpreg will send, where it came from, and every place it looked."""
+
+    token: str | None
+    source: str | None
+    searched: list[str] = field(default_factory=list)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+def find_auth_token(environ: Mapping[str, str] | None = None,
+                    home: Path | None = None) -> TokenLookup:
+    """Ray's own order: ``RAY_AUTH_TOKEN``, then ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``.
+
+    When ``RAY_AUTH_TOKEN_PATH`` is set but unusable, the default file is not tried:
+    the user pointed elsewhere on purpose, and sending another cluster's token would
+    only turn the clear "no token" answer into a confusing "wrong token" one.
+    """
+    env = os.environ if environ is None else environ
+    searched: list[str] = []
+    value = env.get("RAY_AUTH_TOKEN", "").strip()
+    if value:
+        return TokenLookup(value, "RAY_AUTH_TOKEN", ["RAY_AUTH_TOKEN"])
+    searched.append("RAY_AUTH_TOKEN (not set)")
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        token = _read_token(path)
+        if token:
+            return TokenLookup(token, f"RAY_AUTH_TOKEN_PATH={path}", [*searched, str(path)])
+        searched.append(f"RAY_AUTH_TOKEN_PATH={path} ({'empty' if path.is_file() else 'no such file'})")
+        return TokenLookup(None, None, searched)
+    searched.append("RAY_AUTH_TOKEN_PATH (not set)")
+    path = (home if home is not None else Path.home()) / ".ray" / "auth_token"
+    token = _read_token(path)
+    if token:
+        return TokenLookup(token, str(path), [*searched, str(path)])
+    searched.append(f"{path} ({'empty' if path.is_file() else 'no such file'})")
+    return TokenLookup(None, None, searched)
+
+
+def _read_token(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def auth_error_message(status: int, address: str, lookup: TokenLookup) -> str:
+    """What to say when the job server refuses lpreg (401: no token, 403: wrong token)."""
+    answer = {401: "401 Unauthorized", 403: "403 Forbidden"}.get(status, str(status))
+    if lookup.token is None:
+        return (
+            f"the Ray job server at {address} answered {answer}: the cluster uses token "
+            f"authentication and lpreg found no token to send. lpreg looked at: "
+            f"{'; '.join(lookup.searched)}. Put the cluster's token (print it on the head "
+            f"with `ray get-auth-token`) in RAY_AUTH_TOKEN, or in a file named by "
+            f"RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token")
+    return (
+        f"the Ray job server at {address} answered {answer}: it rejected the token lpreg "
+        f"sent, taken from {lookup.source}. That token belongs to another cluster or is out "
+        f"of date; use the one `ray get-auth-token` prints on this cluster's head")
+
+
+# --- what the job runs --------------------------------------------------------------
+
+def recipe_argument(recipe: str | None, project_dir: Path) -> str | None:
+    """The ``-c`` value the job should see, valid inside the shipped working directory.
+
+    A shipped recipe name stays a name. A recipe file must lie inside the project
+    directory, since that is all the job receives; it is passed relative to it.
+    """
+    if recipe is None:
+        return None
+    if not Path(recipe).expanduser().is_file():
+        resolve_recipe(recipe)  # raises ConfigError when it is not a shipped name either
+        return recipe
+    path = Path(recipe).expanduser().resolve()
+    try:
+        return path.relative_to(project_dir.resolve()).as_posix()
+    except ValueError:
+        raise ConfigError(
+            f"recipe file {path} is outside {project_dir.resolve()}, the directory "
+            f"shipped to the cluster; move it there (or into conf/recipes/)") from None
+
+
+def train_entrypoint(recipe: str | None, overrides: Sequence[str], python: str = "python") -> str:
+    """The shell command the job runs.
+
+    ``python -m launch.cli`` rather than the ``lpreg`` script: Ray puts the shipped
+    working directory first on the job's PYTHONPATH, so this runs the shipped code
+    with any Python that has the dependencies, even where lpreg itself was never
+    installed on the cluster.
+    """
+    argv = [python, "-m", "launch.cli", "train"]
+    if recipe:
+        argv += ["-c", recipe]
+    argv += list(overrides)
+    return shlex.join(argv)
+
+
+def job_runtime_env(project_dir: Path) -> dict:
+    return {"working_dir": str(project_dir), "excludes": list(UPLOAD_EXCLUDES)}
+
+
+def relative_path_notes(cfg) -> list[str]:
+    """Warnings for paths the job will resolve inside its temporary working directory."""
+    notes = []
+    if not Path(cfg.trainer.output_dir).is_absolute():
+        notes.append(
+            f"trainer.output_dir={cfg.trainer.output_dir} is relative: the run directory "
+            f"will be inside the job's working directory on the head, which Ray deletes "
+            f"eventually; pass an absolute path (on shared storage for multi-node clusters)")
+    if cfg.model.path is None and not Path(cfg.model.cache_dir).is_absolute():
+        notes.append(
+            f"model.cache_dir={cfg.model.cache_dir} is relative: the job builds the tiny "
+            f"model afresh in its working directory; an absolute path lets jobs reuse it")
+    return notes
+
+
+# --- talking to the server ----------------------------------------------------------
+
+def make_client(address: str, headers: dict[str, str]):
+    """Ray's client; it checks the connection (and so the token) as it is made."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers=headers)
+
+
+@dataclass
+class JobServer:
+    """A ``JobSubmissionClient`` with the token attached and errors made readable."""
+
+    address: str
+    lookup: TokenLookup
+    _client: object | None = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            with self.translating_errors():
+                self._client = make_client(self.address, self.lookup.headers())
+        return self._client
+
+    @contextmanager
+    def translating_errors(self, job_id: str | None = None) -> Iterator[None]:
+        """Turn the client's exceptions into one-line ``JobCommandError`` messages."""
+        try:
+            yield
+        except JobCommandError:
+            raise
+        except Exception as err:  # noqa: BLE001 - every failure becomes one clear line
+            raise JobCommandError(self._explain(err, job_id)) from err
+
+    def _explain(self, err: Exception, job_id: str | None) -> str:
+        import requests
+
+        status = _http_status(err)
+        if status in (401, 403):
+            return auth_error_message(status, self.address, self.lookup)
+        text = str(err)
+        if isinstance(err, ConnectionError | requests.exceptions.ConnectionError) or (
+                "Failed to connect" in text):
+            return (f"cannot reach a Ray job server at {self.address}: is the head running, "
+                    f"with ray[default] installed, and is this its dashboard address "
+                    f"(port 8265 unless --dashboard-port says otherwise)?")
+        if job_id and ("404" in text or "does not exist" in text):
+            return f"no job {job_id!r} on the Ray cluster at {self.address}"
+        first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        return f"the Ray job server at {self.address} failed: {first_line}"
+
+    def submit(self, entrypoint: str, runtime_env: dict, submission_id: str | None) -> str:
+        with self.translating_errors():
+            return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                          submission_id=submission_id)
+
+    def status(self, job_id: str) -> tuple[str, str]:
+        with self.translating_errors(job_id):
+            info = self.client.get_job_info(job_id)
+        return str(getattr(info.status, "value", info.status)), info.message or ""
+
+    def logs(self, job_id: str) -> str:
+        with self.translating_errors(job_id):
+            return self.client.get_job_logs(job_id)
+
+    def follow(self, job_id: str, out=None) -> None:
+        """Stream the job's logs until it ends."""
+        out = out or sys.stdout
+
+        async def pump() -> None:
+            async for chunk in self.client.tail_job_logs(job_id):
+                out.write(chunk)
+                out.flush()
+
+        with self.translating_errors(job_id):
+            asyncio.run(pump())
+
+    def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float = 60.0) -> tuple[str, str]:
+        """The final state: the log stream closes at the end, the state may lag a moment."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state, message = self.status(job_id)
+            if state in TERMINAL_STATES or time.monotonic() > deadline:
+                return state, message
+            time.sleep(poll_s)
+
+    def stop(self, job_id: str) -> bool:
+        with self.translating_errors(job_id):
+            return bool(self.client.stop_job(job_id))
+
+
+def _http_status(err: BaseException) -> int | None:
+    """The HTTP status behind a client error, where it can be told."""
+    for status_attr in ("status", "status_code"):
+        status = getattr(err, status_attr, None)
+        if isinstance(status, int):
+            return status
+    text = str(err)
+    # Ray's client raises AuthenticationError("Authentication required: ...") for a
+    # 401 and ("Authentication failed: ...") for a 403.
+    if type(err).__name__ == "AuthenticationError":
+        return 403 if text.startswith("Authentication failed") else 401
+    for code in (401, 403):
+        if f"status code {code}" in text or f"{code} Unauthorized" in text or f"{code} Forbidden" in text:
+            return code
+    return None
+
+
+def open_server(address: str | None) -> JobServer:
+    return JobServer(normalize_address(address or default_address()), find_auth_token())
+
+
+# --- the commands -------------------------------------------------------------------
+
+def _fail(message: str) -> int:
+    print(f"lpreg: error: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _follow_to_end(server: JobServer, job_id: str) -> int:
+    try:
+        server.follow(job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running "
+              f"(`lpreg stop {job_id}` ends it)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    state, message = server.wait(job_id)
+    print(f"job {job_id}: {state}" + (f" ({message})" if message else ""), file=sys.stderr)
+    return 0 if state == "SUCCEEDED" else EXIT_FAILED
+
+
+def _submit(args: argparse.Namespace) -> int:
+    # Everything that can be checked here is checked before the cluster is contacted:
+    # a config error exits with status 2 (ConfigError reaches the command line).
+    from launch.placement import check_placement_config
+
+    cfg = load_config(args.config, args.overrides)
+    check_placement_config(cfg)
+    project_dir = Path(args.working_dir).resolve()
+    if not (project_dir / "launch" / "cli.py").is_file():
+        raise ConfigError(f"--working-dir {project_dir} is not the lpreg project directory "
+                          "(no launch/cli.py); pass the checkout to ship")
+    entrypoint = train_entrypoint(recipe_argument(args.config, project_dir), args.overrides,
+                                  python=args.python)
+    for note in relative_path_notes(cfg):
+        print(f"lpreg: note: {note}", file=sys.stderr)
+    try:
+        server = open_server(args.address)
+        job_id = server.submit(entrypoint, job_runtime_env(project_dir), args.job_id)
+        print(job_id, flush=True)
+        print(f"submitted to {server.address}: {entrypoint}\n"
+              f"  lpreg status {job_id} | lpreg logs {job_id} --follow | lpreg stop {job_id}",
+              file=sys.stderr)
+        if args.follow:
+            return _follow_to_end(server, job_id)
+    except JobCommandError as err:
+        return _fail(str(err))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        state, message = open_server(args.address).status(args.job_id)
+    except JobCommandError as err:
+        return _fail(str(err))
+    print(f"{args.job_id}: {state}" + (f" ({message})" if message else ""))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    try:
+        server = open_server(args.address)
+        if args.follow:
+            return _follow_to_end(server, args.job_id)
+        sys.stdout.write(server.logs(args.job_id))
+    except JobCommandError as err:
+        return _fail(str(err))
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    try:
+        stopped = open_server(args.address).stop(args.job_id)
+    except JobCommandError as err:
+        return _fail(str(err))
+    print(f"{args.job_id}: stop requested" if stopped else f"{args.job_id}: was not running")
+    return 0
+
+
+def _add_address(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address", default=None,
+        help="the job server (the head's dashboard URL); default: RAY_API_SERVER_ADDRESS, "
+             f"else RAY_ADDRESS when it is an http URL, else {DEFAULT_ADDRESS}")
 
 
 def add_job_commands(sub: argparse._SubParsersAction) -> None:
     """Register the job subcommands on the ``lpreg`` parser."""
+    submit = sub.add_parser(
+        "submit", help="run training as a job on a Ray cluster",
+        description="Check the config here, ship the project to the cluster and run "
+                    "`lpreg train` there. The token for the cluster's job server comes from "
+                    "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.")
+    _add_address(submit)
+    submit.add_argument("--follow", action="store_true",
+                        help="stream the logs until the job ends; exit non-zero unless it succeeded")
+    submit.add_argument("-c", "--config", help="recipe YAML file, or the name of a shipped recipe")
+    submit.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
+    submit.add_argument("--python", default="python",
+                        help="the Python the job runs on the cluster (default: python on the "
+                             "head's PATH)")
+    submit.add_argument("--working-dir", default=str(PROJECT_DIR),
+                        help=f"project directory to ship (default: {PROJECT_DIR})")
+    submit.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, passed on to `lpreg train`")
+    submit.set_defaults(func=_submit)
+
+    status = sub.add_parser("status", help="state of a cluster job")
+    _add_address(status)
+    status.add_argument("job_id", metavar="JOB")
+    status.set_defaults(func=_status)
+
+    logs = sub.add_parser("logs", help="logs of a cluster job")
+    _add_address(logs)
+    logs.add_argument("job_id", metavar="JOB")
+    logs.add_argument("--follow", action="store_true",
+                      help="stream until the job ends; exit non-zero unless it succeeded")
+    logs.set_defaults(func=_logs)
+
+    stop = sub.add_parser("stop", help="stop a cluster job")
+    _add_address(stop)
+    stop.add_argument("job_id", metavar="JOB")
+    stop.set_defaults(func=_stop)

@@ -127,9 +127,14 @@ def _clipped_surrogate(
     return torch.maximum(loss_unclipped, loss_clipped), loss_clipped > loss_unclipped
 
 
+def _no_tokens(like: Tensor) -> Tensor:
+    """An all-False contiguous mask (``view(-1)`` works whatever the strides of ``like``)."""
+    return torch.zeros(like.shape, dtype=torch.bool, device=like.device)
+
+
 def _lowest_frac(values: Tensor, candidates: Tensor, frac: float) -> Tensor:
     """The ``floor(frac * N)`` candidates with the lowest value, or none when that is < 2."""
-    selected = torch.zeros_like(candidates)
+    selected = _no_tokens(candidates)
     if frac <= 0:
         return selected
     k = int(int(candidates.sum().item()) * frac)  # same rounding as the reference
@@ -141,7 +146,7 @@ def _lowest_frac(values: Tensor, candidates: Tensor, frac: float) -> Tensor:
 
 
 def _highest_count(values: Tensor, candidates: Tensor, k: int) -> Tensor:
-    selected = torch.zeros_like(candidates)
+    selected = _no_tokens(candidates)
     if k <= 0:
         return selected
     scores = values.detach().masked_fill(~candidates, -math.inf).reshape(-1)
@@ -290,7 +295,7 @@ def policy_loss(
         num_detach = max(int(clip_cov_ratio * num_valid), 1) if clip_cov_ratio > 0 else 0
         num_detach = min(num_detach, candidate_idx.numel())
         perm = torch.randperm(candidate_idx.numel(), generator=generator)[:num_detach].to(device)
-        detached = torch.zeros_like(valid)
+        detached = _no_tokens(valid)
         detached.view(-1)[candidate_idx[perm]] = True
         pg_losses = torch.where(detached, zero, pg_losses)
         metrics["actor/pg_clipfrac"] = masked_mean(detached, valid)  # as the reference reports it

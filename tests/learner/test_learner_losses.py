@@ -482,3 +482,20 @@ def test_float32_inputs_and_bool_mask():
     assert out.dtype == torch.float32
     assert m["lp_reg/regularized_frac"].item() > 0
     assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", POLICY_LOSSES)
+def test_strided_inputs(name):
+    """Column-major (transposed) tensors, as a caller's slicing may produce, give the same loss."""
+    log_prob, old, adv, mask, proxy, entropy = random_batch(seed=10)
+    kw = {"lp_reg_neg_frac": 0.2, "kl_cov_ratio": 0.05, "clip_cov_ratio": 0.0}
+    ref, _ = policy_loss(name, log_prob, old, adv, mask, proxy_log_prob=proxy, entropy=entropy, **kw)
+
+    def col_major(x):
+        return x.detach().t().contiguous().t()
+
+    out, _ = policy_loss(
+        name, col_major(log_prob), col_major(old), col_major(adv), col_major(mask),
+        proxy_log_prob=col_major(proxy), entropy=col_major(entropy), **kw,
+    )
+    torch.testing.assert_close(out, ref)

@@ -18,13 +18,16 @@ class TinyModelConfig:
     hidden_size: int = 128
     num_heads: int = 2  # head_dim = hidden / heads = 64: CPU attention rejects smaller heads
     num_kv_heads: int = 2
-    intermediate_size: int = 512
+    intermediate_size: int = 256
     max_position_embeddings: int = 256
     seed: int = 0
     # Supervised warm start on the synthetic task (data.synthetic). It stops early on
-    # purpose: RL needs a model that is right sometimes, with room left to improve.
-    # 0 keeps the random initialisation.
-    warm_start_steps: int = 1500
+    # purpose, once greedy accuracy on a probe set reaches the target: RL needs a model
+    # that is right sometimes, with room left to improve. 0 steps keeps the random init.
+    warm_start_steps: int = 2000  # at most
+    warm_start_target_accuracy: float = 0.25
+    warm_start_probe_every: int = 10
+    warm_start_probe_problems: int = 100
     warm_start_batch_size: int = 64
     warm_start_lr: float = 2e-3
 
@@ -46,8 +49,8 @@ class SyntheticTaskConfig:
     # "sum": a+b(+c...)=   "linear": solve a*x+b=c for the integer x
     kind: str = "sum"
     num_operands: int = 2
-    min_operand: int = 100
-    max_operand: int = 999
+    min_operand: int = 10
+    max_operand: int = 99
     seed: int = 0
 
 
@@ -57,7 +60,7 @@ class DataConfig:
     train_path: str | None = None
     # Held-out problems for evaluation; None uses fresh synthetic ones.
     eval_path: str | None = None
-    prompts_per_step: int = 8
+    prompts_per_step: int = 32
     max_prompt_tokens: int = 64
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
     num_synthetic_train: int = 20000
@@ -67,7 +70,7 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     num_workers: int = 2
-    samples_per_prompt: int = 4  # n: the size of each GRPO group
+    samples_per_prompt: int = 8  # n: the size of each GRPO group
     temperature: float = 1.0
     top_p: float = 1.0
     max_response_tokens: int = 16
@@ -95,8 +98,8 @@ class RolloutConfig:
 class LearnerConfig:
     num_workers: int = 2
     zero_stage: int = 0
-    micro_batch_size: int = 8  # sequences per forward pass on one learner
-    lr: float = 1e-4
+    micro_batch_size: int = 32  # sequences per forward pass on one learner
+    lr: float = 5e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
@@ -111,7 +114,7 @@ class LearnerConfig:
 @dataclass
 class AlgorithmConfig:
     advantage: str = "grpo"
-    loss: str = "ppo_clip"
+    loss: str = "lp_reg"
     loss_agg_mode: str = "token-mean"
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28
@@ -142,16 +145,29 @@ class AlgorithmConfig:
 
 @dataclass
 class VerifierConfig:
+    # Hard limit per sample: a worker still scoring after this is killed; the sample scores 0.
     timeout_s: float = 5.0
     num_workers: int = 2
     # "package.module:function" for a user-written reward; None uses the math verifier.
+    # Called as function(response: str, answer: str) -> float, in the same worker pool.
     reward_fn: str | None = None
+    # Reward of a response with no final answer is -format_penalty (math reward only).
     format_penalty: float = 0.0
+    # The final answer is the last \boxed{...} (or another of these commands) ...
+    boxed_commands: list[str] = field(default_factory=lambda: ["boxed", "fbox"])
+    # ... else the last "Answer: ..." line.
+    answer_line_fallback: bool = True
+    # Only this many final characters of a response are searched for the answer.
+    max_response_chars: int = 100_000
+    # Longer extracted answers score 0 without being parsed.
+    max_answer_chars: int = 1_000
+    # Address-space limit of each worker process, in MiB; 0 for none.
+    worker_memory_mb: int = 4096
 
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 3
+    total_steps: int = 60
     run_name: str = "demo"
     output_dir: str = "runs"
     seed: int = 0
@@ -168,6 +184,15 @@ class RayConfig:
     address: str | None = None
     # Logical CPUs of the private local cluster; None sizes it to fit every actor.
     num_cpus: int | None = None
+    # How each placement group spreads its bundles over nodes: PACK, SPREAD,
+    # STRICT_PACK or STRICT_SPREAD.
+    placement_strategy: str = "PACK"
+    # False: one placement group for the rollout workers and another for the learners,
+    # so neither can take the other's CPUs or GPUs. True: rollout worker i and learner
+    # rank i share bundle i; with fractional GPUs (e.g. 0.5 each) they share one GPU.
+    colocate: bool = False
+    # Seconds to wait for the placement groups before naming what could not be placed.
+    placement_timeout_s: float = 120.0
 
 
 @dataclass
@@ -180,12 +205,3 @@ class LpregConfig:
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    # How each placement group spreads its bundles over nodes: PACK, SPREAD,
-    # STRICT_PACK or STRICT_SPREAD.
-    placement_strategy: str = "PACK"
-    # False: one placement group for the rollout workers and another for the learners,
-    # so neither can take the other's CPUs or GPUs. True: rollout worker i and learner
-    # rank i share bundle i; with fractional GPUs (e.g. 0.5 each) they share one GPU.
-    colocate: bool = False
-    # Seconds to wait for the placement groups before naming what could not be placed.
-    placement_timeout_s: float = 120.0

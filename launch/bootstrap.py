@@ -70,16 +70,21 @@ def greedy_accuracy(model, tokenizer, records: list[PromptRecord], max_new_token
     return correct / len(records)
 
 
-def warm_start(model, tokenizer, task: SyntheticTaskConfig, steps: int, batch_size: int,
-               lr: float, seed: int) -> dict:
-    """Supervised training on the answer tokens of fresh synthetic problems."""
-    rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig) -> dict:
+    """Supervised training on the answer tokens of fresh synthetic problems.
+
+    Small models learn arithmetic in a sudden jump, and where the jump falls depends
+    on the seed, so a fixed step count could leave the model at 5% or at 95%. Instead
+    it stops as soon as greedy accuracy on a probe set reaches the target.
+    """
+    rng = random.Random(cfg.seed)
+    probe = synthetic_problems(task, cfg.warm_start_probe_problems, seed=cfg.seed + 104729)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start_lr, weight_decay=0.0)
     model.train()
     start = time.perf_counter()
-    loss_value = float("nan")
-    for step in range(1, steps + 1):
-        records = synthetic_problems(task, batch_size, seed=rng.randrange(2**31))
+    loss_value, accuracy, step = float("nan"), 0.0, 0
+    for step in range(1, cfg.warm_start_steps + 1):
+        records = synthetic_problems(task, cfg.warm_start_batch_size, seed=rng.randrange(2**31))
         ids, labels = _encode(tokenizer, records)
         loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
@@ -87,10 +92,14 @@ def warm_start(model, tokenizer, task: SyntheticTaskConfig, steps: int, batch_si
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         loss_value = loss.item()
-        if step % 200 == 0 or step == steps:
-            log.info("warm start %d/%d loss %.4f (%.0fs)", step, steps, loss_value,
-                     time.perf_counter() - start)
-    return {"steps": steps, "final_loss": loss_value, "seconds": time.perf_counter() - start}
+        if step % cfg.warm_start_probe_every == 0 or step == cfg.warm_start_steps:
+            accuracy = greedy_accuracy(model, tokenizer, probe)
+            log.info("warm start %d/%d loss %.4f probe accuracy %.1f%% (%.0fs)", step,
+                     cfg.warm_start_steps, loss_value, 100 * accuracy, time.perf_counter() - start)
+            if accuracy >= cfg.warm_start_target_accuracy:
+                break
+    return {"steps": step, "final_loss": loss_value, "probe_accuracy": accuracy,
+            "seconds": time.perf_counter() - start}
 
 
 def tiny_model_dir(cache_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskConfig) -> Path:
@@ -117,9 +126,7 @@ def bootstrap(output_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskC
     torch.manual_seed(cfg.seed)
     report: dict = {"tiny": vars(cfg), "task": vars(task)}
     if cfg.warm_start_steps > 0:
-        report["warm_start"] = warm_start(model, tokenizer, task, cfg.warm_start_steps,
-                                          cfg.warm_start_batch_size, cfg.warm_start_lr,
-                                          seed=cfg.seed)
+        report["warm_start"] = warm_start(model, tokenizer, task, cfg)
         held_out = synthetic_problems(task, eval_problems, seed=cfg.seed + 7919)
         report["warm_start"]["greedy_accuracy"] = greedy_accuracy(model, tokenizer, held_out)
         log.info("warm-started model: greedy accuracy %.1f%% on %d held-out problems",

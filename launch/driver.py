@@ -57,19 +57,21 @@ def load_prompts(cfg: LpregConfig) -> tuple[list[PromptRecord], list[PromptRecor
     """Training prompts and held-out evaluation prompts."""
     if cfg.data.train_path:
         train = load_jsonl(cfg.data.train_path)
-    else:
-        train = synthetic_problems(cfg.data.synthetic, cfg.data.num_synthetic_train,
-                                   seed=cfg.data.synthetic.seed)
+        held_out = load_jsonl(cfg.data.eval_path) if cfg.data.eval_path else []
+        return train, held_out
     if cfg.data.eval_path:
         held_out = load_jsonl(cfg.data.eval_path)
-    elif cfg.data.train_path:
-        held_out = []
     else:
-        # A different seed, and never a problem the policy trains on.
-        seen = {r.prompt for r in train}
-        candidates = synthetic_problems(cfg.data.synthetic, 2 * cfg.data.num_synthetic_eval,
+        # Distinct problems from their own seed...
+        candidates = synthetic_problems(cfg.data.synthetic, 4 * cfg.data.num_synthetic_eval,
                                         seed=cfg.data.synthetic.seed + 1_000_003)
-        held_out = [r for r in candidates if r.prompt not in seen][: cfg.data.num_synthetic_eval]
+        unique = {r.prompt: r for r in candidates}
+        held_out = list(unique.values())[: cfg.data.num_synthetic_eval]
+    # ...that the policy never trains on.
+    excluded = {r.prompt for r in held_out}
+    train = [r for r in synthetic_problems(cfg.data.synthetic, cfg.data.num_synthetic_train,
+                                           seed=cfg.data.synthetic.seed)
+             if r.prompt not in excluded]
     return train, held_out
 
 

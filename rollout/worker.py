@@ -24,6 +24,8 @@ def engine_env(cfg: RolloutConfig) -> dict[str, str]:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.cpu_kv_cache_gib),
         "TOKENIZERS_PARALLELISM": "false",
+        # vLLM's per-engine INFO lines would bury the driver's own progress.
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
 
 

@@ -25,7 +25,8 @@ def two_by_two_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "launch.cli", "train",
            "trainer.total_steps=3", "trainer.run_name=loop", f"trainer.output_dir={out}",
            "rollout.num_workers=2", "learner.num_workers=2", "learner.zero_stage=2",
-           "rollout.verify_weight_sync=true", "learner.lr=1e-3",
+           "rollout.verify_weight_sync=true", "learner.lr=1e-3", "algorithm.loss=ppo_clip",
+           "data.prompts_per_step=8", "rollout.samples_per_prompt=4", "learner.micro_batch_size=4",
            "verifier.reward_fn=toy_rewards:digit_share", "trainer.eval_every=-1",
            # A random tiny model: this test is about the plumbing, not learning.
            "model.tiny.warm_start_steps=0", f"model.cache_dir={out / 'models'}"]

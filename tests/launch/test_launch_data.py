@@ -67,3 +67,16 @@ def test_sampler_state_round_trips():
 def test_sampler_refuses_batches_larger_than_the_data():
     with pytest.raises(DataError, match="prompts_per_step"):
         PromptSampler(synthetic_problems(SyntheticTaskConfig(), 3, seed=0), 4, seed=0)
+
+
+def test_synthetic_held_out_set_is_full_size_distinct_and_never_trained_on():
+    from launch.config import load_config
+    from launch.driver import load_prompts
+
+    # 2-digit sums have only 8,100 distinct problems: a naive split would leave few.
+    cfg = load_config(overrides=["data.num_synthetic_train=20000", "data.num_synthetic_eval=500"])
+    train, held_out = load_prompts(cfg)
+    assert len(held_out) == 500
+    assert len({r.prompt for r in held_out}) == 500
+    assert not {r.prompt for r in held_out} & {r.prompt for r in train}
+    assert len(train) > 10000

@@ -61,9 +61,9 @@ def _forward(
     proxy = torch.empty(n, **new) if kappa is not None else None
     for chunk, start, stop in iter_chunks(logits, chunk_size):
         tok = ids[start:stop]
-        z = chunk.to(dtype)
-        x = z / temperature if temperature != 1.0 else z
-        row_max = x.amax(-1, keepdim=True)
+        # At T = 1 the subtraction itself promotes bf16/fp16 logits: no float32 copy of the chunk.
+        x = chunk if temperature == 1.0 else chunk.to(dtype) / temperature
+        row_max = x.amax(-1, keepdim=True).to(dtype)
         shifted = x - row_max
         exp_shifted = shifted.exp()
         log_norm = exp_shifted.sum(-1).log()  # log sum exp(x - max)
@@ -80,7 +80,8 @@ def _forward(
                     shifted, tok, kappa, proxy_temperature, exp_shifted
                 )
             else:
-                raw_shifted = z - z.amax(-1, keepdim=True)  # min-p threshold is at temperature 1
+                # The min-p threshold is at temperature 1.
+                raw_shifted = chunk - chunk.amax(-1, keepdim=True).to(dtype)
                 proxy[start:stop] = proxy_from_shifted(raw_shifted, tok, kappa, proxy_temperature)
     return log_prob, lse, entropy, proxy
 
@@ -112,11 +113,9 @@ class _TokenStatsFn(torch.autograd.Function):
         if grad_log_prob is None:
             grad_log_prob = torch.zeros_like(lse)
         for chunk, start, stop in iter_chunks(logits, ctx.chunk_size):
-            x = chunk.to(dtype)
-            if temperature != 1.0:
-                x = x / temperature
+            x = chunk if temperature == 1.0 else chunk.to(dtype) / temperature
             g_lp = grad_log_prob[start:stop, None].to(dtype)
-            log_p = x - lse[start:stop, None]  # fresh temporary, safe to modify in place
+            log_p = x - lse[start:stop, None]  # fresh (promoted) temporary, safe to modify in place
             # d log p_tok / dx = onehot(tok) - p ;  dH/dx = -p * (log p + H)
             if grad_entropy is None:
                 grad = log_p.exp_().mul_(-g_lp)

@@ -13,8 +13,12 @@ Variants, on the same batch:
   entropy, the textbook way.
 
 Time: each repeat runs every variant once, alternating the order, after warm-up; we report
-the ratio of the per-variant medians and, as "paired", the median of the per-repeat ratios
-(GPU timings are synchronised). Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step minus the
+the ratio of the per-variant medians and, as "paired", the median of the per-repeat ratios.
+On CUDA the clock is wall time around a synchronised step. On CPU it is, by default, the
+process's CPU time (``time.process_time``), which other programs on a shared machine do not
+inflate; use ``--threads 1`` so that idle-spinning worker threads are not counted either.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step minus the
 memory held before it. On CPU torch's allocator has no such counter, so each variant runs
 in a fresh process that resets the kernel's resident-set high-water mark
 (``/proc/self/clear_refs``) after building its inputs and reads ``VmHWM`` after one step:
@@ -114,7 +118,7 @@ def _zero(x: dict[str, torch.Tensor]) -> None:
 
 
 def time_variants(
-    x: dict[str, torch.Tensor], s: Setup, variants: list[str], repeats: int, warmup: int
+    x: dict[str, torch.Tensor], s: Setup, variants: list[str], repeats: int, warmup: int, clock
 ) -> dict[str, list[float]]:
     for _ in range(warmup):
         for v in variants:
@@ -125,10 +129,10 @@ def time_variants(
     for r in range(repeats):
         for v in variants if r % 2 == 0 else variants[::-1]:
             _sync(s.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             step(v, x, s)
             _sync(s.device)
-            times[v].append(time.perf_counter() - t0)
+            times[v].append(clock() - t0)
             _zero(x)
     return times
 
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lpreg bench loss", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch", type=int, default=None, help="sequences (default 2 on CPU, 4 on CUDA)")
-    p.add_argument("--length", type=int, default=None, help="response tokens (default 1024 / 4096)")
+    p.add_argument("--length", type=int, default=None, help="response tokens (default 512 / 4096)")
     p.add_argument("--hidden", type=int, default=None, help="lm-head input size (default 1024 / 5120)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary (default 32768 / 151936)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32 / bfloat16")
@@ -203,16 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--check", action="store_true", help="first compare gradients with the naive path")
+    p.add_argument("--clock", choices=["wall", "process"], default=None,
+                   help="wall time, or this process's CPU time (default: process on CPU, wall on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     cuda = args.device.startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock_name = args.clock or ("wall" if cuda else "process")
+    clock = time.perf_counter if clock_name == "wall" else time.process_time
     s = Setup(
         device=args.device,
         batch=args.batch or (4 if cuda else 2),
-        length=args.length or (4096 if cuda else 1024),
+        length=args.length or (4096 if cuda else 512),
         hidden=args.hidden or (5120 if cuda else 1024),
         vocab=args.vocab or (151936 if cuda else 32768),
         dtype=args.dtype or ("bfloat16" if cuda else "float32"),
@@ -230,16 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
 
-    print(f"setup: {asdict(s)}  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    print(f"setup: {asdict(s)}  torch {torch.__version__}  threads {torch.get_num_threads()}"
+          f"  clock {clock_name}")
     if cuda:
         print(f"device: {torch.cuda.get_device_name()}")
-    result: dict = {"setup": asdict(s), "torch": torch.__version__}
+    result: dict = {"setup": asdict(s), "torch": torch.__version__, "clock": clock_name,
+                    "threads": torch.get_num_threads()}
     if args.check:
         result["check_max_rel_grad_diff"] = check_against_naive(s)
         print(f"check: max relative gradient difference vs naive = {result['check_max_rel_grad_diff']:.2e}")
 
     x = build_inputs(s)
-    times = time_variants(x, s, variants, args.repeats, args.warmup)
+    times = time_variants(x, s, variants, args.repeats, args.warmup, clock)
     peaks: dict[str, int] = {}
     if not args.no_memory:
         for v in variants:

@@ -155,10 +155,22 @@ def test_no_grad_path_and_low_precision():
     torch.testing.assert_close(s.entropy.double(), ref_h, rtol=0, atol=1e-5)
 
     bf16 = logits.to(torch.bfloat16).requires_grad_()
-    s = token_stats(bf16, ids)
-    assert s.log_prob.dtype == torch.float32
-    (g,) = torch.autograd.grad(s.log_prob.sum(), bf16)
-    assert g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all()
+    for temperature in (1.0, 0.7):
+        s = token_stats(bf16, ids, temperature=temperature, proxy_min_p=0.05)
+        assert s.log_prob.dtype == torch.float32
+        # Same as computing in float32 from the bf16 values.
+        exact = bf16.detach().float().requires_grad_()
+        ref_lp, ref_h = naive_stats(exact, ids, temperature)
+        torch.testing.assert_close(s.log_prob, ref_lp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(s.entropy, ref_h, rtol=0, atol=1e-5)
+        ref_proxy = naive_proxy(exact.detach(), ids, 0.05)
+        finite = torch.isfinite(ref_proxy)
+        assert torch.equal(torch.isfinite(s.proxy_log_prob), finite)
+        torch.testing.assert_close(s.proxy_log_prob[finite], ref_proxy[finite], rtol=0, atol=1e-5)
+        (g,) = torch.autograd.grad((s.log_prob + s.entropy).sum(), bf16)
+        (g_ref,) = torch.autograd.grad((ref_lp + ref_h).sum(), exact)
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), g_ref.to(torch.bfloat16).float())
 
 
 def test_masked_positions_may_hold_negative_ids():

@@ -153,9 +153,12 @@ class Learner:
         import deepspeed
 
         module = self.engine.module
-        params = list(module.named_parameters())
+        # Tied weights are listed under every name: vLLM's in-place reload only
+        # refreshes the output projection when it receives ``lm_head.weight`` itself.
+        params = list(module.named_parameters(remove_duplicate=False))
         if self.cfg.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            unique = list({id(p): p for _, p in params}.values())
+            with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
                 return [(n, p.detach().clone().cpu()) for n, p in params] if self.rank == 0 else []
         return [(n, p.detach().cpu()) for n, p in params] if self.rank == 0 else []
 

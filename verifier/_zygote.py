@@ -23,6 +23,7 @@ import signal
 import socket
 import struct
 import sys
+import warnings
 
 PID_FORMAT = "!q"
 
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = json.loads(argv[1])
     ctrl = socket.socket(fileno=ctrl_fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C
+    # Hostile text can make sympy warn on every sample; that must not flood driver logs.
+    warnings.simplefilter("ignore")
     for entry in reversed(cfg["sys_path"]):
         if entry not in sys.path:
             sys.path.insert(0, entry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class MathVerifier:
     ``format_penalty`` must then be 0 (fold any penalty into the function).
 
     Any sample that runs past ``timeout_s`` scores 0.0 and counts in ``timeouts``.
-    Not thread-safe: call it from one thread at a time.
+    Calls from several threads are serialised.
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class MathVerifier:
         self.max_response_chars = int(max_response_chars)
         self.max_answer_chars = int(max_answer_chars)
         self.max_answer_depth = int(max_answer_depth)
+        self._lock = threading.Lock()
         self._pool = ScoringPool(
             num_workers=self.num_workers,
             timeout_s=self.timeout_s,
@@ -132,7 +134,8 @@ class MathVerifier:
 
     def close(self) -> None:
         """Terminate the worker processes. Idempotent."""
-        self._pool.close()
+        with self._lock:
+            self._pool.close()
 
     def __enter__(self) -> MathVerifier:
         return self
@@ -161,6 +164,10 @@ class MathVerifier:
         return self.score_batch_detailed(responses, answers).scores
 
     def score_batch_detailed(self, responses: Sequence[str], answers: Sequence[str]) -> ScoreReport:
+        with self._lock:
+            return self._score(responses, answers)
+
+    def _score(self, responses: Sequence[str], answers: Sequence[str]) -> ScoreReport:
         if self._pool.closed:
             raise RuntimeError("MathVerifier is closed")
         if len(responses) != len(answers):

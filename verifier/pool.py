@@ -6,12 +6,12 @@ sample it is running and when that sample started:
 
 - A sample running longer than ``timeout_s`` gets its worker SIGKILLed and replaced;
   it scores 0 with status ``TIMEOUT``.
-- A sample running longer than ``park_after_s``, and far longer than the typical
-  recent sample (``PARK_FACTOR`` times the median), gets its worker *parked*: no more
-  work is sent to it, and a fresh worker starts in its place (at most ``max_parked``
-  at a time). The parked sample keeps its own deadline. So a batch with several bombs
-  costs about one timeout plus the normal work, not one timeout per bomb divided by
-  the number of workers.
+- A sample running longer than ``park_after_s``, and far longer than recent slow
+  samples (``PARK_FACTOR`` times their 95th percentile), while other work waits, gets
+  its worker *parked*: no more work is sent to it, and a fresh worker starts in its
+  place (at most ``max_parked`` at a time). The parked sample keeps its own deadline.
+  So a batch with several bombs costs about one timeout plus the normal work, not one
+  timeout per bomb divided by the number of workers.
 - A worker that dies (killed from outside, segfault) is replaced; the sample it was
   running is retried once, then scored 0 with status ``ERROR``.
 
@@ -46,9 +46,10 @@ logger = logging.getLogger(__name__)
 # A worker's reply is a short JSON list; anything bigger is a broken worker.
 MAX_MESSAGE_BYTES = 1 << 16
 MAX_CHUNK = 16
-# A sample is only suspect once it runs this many times longer than the median of recent
-# samples, so a reward plugin that always takes a second isn't parked over and over.
-PARK_FACTOR = 20.0
+# A sample is only suspect once it runs this many times longer than the 95th percentile
+# of recent samples. Wall times stretch on a loaded machine and some reward plugins are
+# always slow; parking those would only churn processes and lose the workers' caches.
+PARK_FACTOR = 5.0
 MAX_STARTUP_FAILURES = 3
 ZYGOTE_ENTRY = "from verifier._zygote import main; main()"
 
@@ -351,6 +352,7 @@ class ScoringPool:
         try:
             while batch.remaining:
                 self._step(batch)
+            self._top_up()  # replace workers lost at the end, so the next batch needn't wait
         except BaseException:
             # Workers holding tasks of an aborted batch would answer into the next one.
             for w in list(self._workers):
@@ -420,6 +422,7 @@ class ScoringPool:
                 and not w.parked
                 and now >= w.head_started + self._park_threshold
                 and n_parked < self.max_parked
+                and (batch.queue or len(w.inflight) > 1)  # only worth it if work waits
             ):
                 self._park(w)
                 n_parked += 1
@@ -458,8 +461,8 @@ class ScoringPool:
         self._durations.append(seconds)
         if len(self._durations) % 16 == 0 or len(self._durations) < 16:
             ordered = sorted(self._durations)
-            median = ordered[len(ordered) // 2]
-            self._park_threshold = max(self.park_after_s, PARK_FACTOR * median)
+            p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+            self._park_threshold = max(self.park_after_s, PARK_FACTOR * p95)
 
     def _on_death(self, w: _Worker, batch: _Batch) -> None:
         if not w.ready:

@@ -7,11 +7,17 @@ Responses are ~2 KB of reasoning text ending in a boxed answer, grouped as in GR
 Answer mixes:
 - ``int``: integer answers only, like DAPO-Math-17k;
 - ``mixed``: MATH-like: 55% integers, the rest fractions, radicals and pi, points and
-  intervals, polynomials, units/degrees/text.
+  intervals, polynomials, units/degrees/text;
+- ``symbolic``: ``mixed`` without the integers, i.e. every answer goes to math-verify.
 
 Reported:
-- throughput, responses per second, over ``--n`` responses scored in batches of
-  ``--batch-size`` by a warm pool (one warm-up batch first);
+- throughput, responses per second of wall time, over ``--n`` responses scored in
+  batches of ``--batch-size`` by a warm pool (one warm-up batch first);
+- the same per CPU-second (parent plus workers, from ``/proc``): on a shared machine
+  wall time depends on the neighbours, CPU time much less. Responses per CPU-second
+  times the number of idle cores is what an otherwise idle machine would reach. These
+  runs don't park slow workers (``park_after_s`` = timeout), so every worker lives
+  through the run and its CPU time is counted;
 - the wall time of one batch of 1,000 ``mixed`` responses of which ``--bombs`` are
   bombs (power towers, deep nesting, a 1 MB response, ``\\frac{1}{0}``), next to the
   same batch without them.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -98,6 +105,7 @@ def _text(rng: random.Random) -> Answer:
 MIXES: dict[str, list[tuple[float, Callable[[random.Random], Answer]]]] = {
     "int": [(1.0, _int)],
     "mixed": [(0.55, _int), (0.12, _frac), (0.10, _radical), (0.08, _point), (0.07, _poly), (0.08, _text)],
+    "symbolic": [(0.12, _frac), (0.10, _radical), (0.08, _point), (0.07, _poly), (0.08, _text)],
 }
 
 
@@ -131,20 +139,41 @@ def make_bombs(k: int) -> list[str]:
     return [shapes[i % len(shapes)](i) for i in range(k)]
 
 
+def _cpu_s(pid: int) -> float | None:
+    """User plus system CPU seconds of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _worker_cpu(verifier: MathVerifier) -> dict[int, float]:
+    return {pid: cpu for pid in verifier.worker_pids() if (cpu := _cpu_s(pid)) is not None}
+
+
 def _throughput(verifier: MathVerifier, mix: str, args: argparse.Namespace, seed: int) -> dict:
     rng = random.Random(seed)
     warm_r, warm_a, _ = make_batch(args.batch_size, mix, args.group_size, rng)
     verifier.score_batch(warm_r, warm_a)
     done = 0
     elapsed = 0.0
+    cpu = 0.0
     wrong = 0
     timeouts = 0
     while done < args.n:
         size = min(args.batch_size, args.n - done)
         responses, answers, expected = make_batch(size, mix, args.group_size, rng)
+        workers_before = _worker_cpu(verifier)
+        parent_before = time.process_time()
         start = time.perf_counter()
         report = verifier.score_batch_detailed(responses, answers)
         elapsed += time.perf_counter() - start
+        cpu += time.process_time() - parent_before
+        # Workers replaced during the batch are not counted, so this is a lower bound.
+        for pid, after in _worker_cpu(verifier).items():
+            cpu += after - workers_before.get(pid, after)
         done += size
         wrong += sum(1 for got, want in zip(report.scores, expected, strict=True) if got != want)
         timeouts += report.timeouts
@@ -153,6 +182,8 @@ def _throughput(verifier: MathVerifier, mix: str, args: argparse.Namespace, seed
         "responses": done,
         "seconds": round(elapsed, 3),
         "per_second": round(done / elapsed, 1),
+        "cpu_seconds": round(cpu, 3),
+        "per_cpu_second": round(done / cpu, 1) if cpu > 0 else None,
         "wrong_rewards": wrong,
         "timeouts": timeouts,
     }
@@ -160,6 +191,9 @@ def _throughput(verifier: MathVerifier, mix: str, args: argparse.Namespace, seed
 
 def _bomb_batch(verifier: MathVerifier, args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed + 1000)
+    verifier.wait_ready()
+    warm_r, warm_a, _ = make_batch(args.batch_size, "mixed", args.group_size, rng)
+    verifier.score_batch(warm_r, warm_a)
     responses, answers, _ = make_batch(1000, "mixed", args.group_size, rng)
     start = time.perf_counter()
     verifier.score_batch(responses, answers)
@@ -189,20 +223,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=2048, help="responses per throughput run")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--mix", choices=["int", "mixed", "both"], default="both")
+    parser.add_argument("--mix", choices=[*MIXES, "all"], default="all")
     parser.add_argument("--bombs", type=int, default=10, help="bombs in the 1,000-response batch; 0 skips it")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--park-after-s", type=float, default=None, help="throughput runs: the pool's park_after_s"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
     results: dict = {"num_workers": args.num_workers}
     start = time.perf_counter()
-    with MathVerifier(timeout_s=args.timeout_s, num_workers=args.num_workers) as verifier:
+    with MathVerifier(
+        timeout_s=args.timeout_s, num_workers=args.num_workers, park_after_s=args.timeout_s
+    ) as verifier:
         verifier.wait_ready()
         results["startup_s"] = round(time.perf_counter() - start, 2)
-        mixes = ["int", "mixed"] if args.mix == "both" else [args.mix]
+        mixes = list(MIXES) if args.mix == "all" else [args.mix]
         results["throughput"] = [_throughput(verifier, m, args, args.seed + i) for i, m in enumerate(mixes)]
-        if args.bombs:
+    if args.bombs:
+        with MathVerifier(timeout_s=args.timeout_s, num_workers=args.num_workers) as verifier:
             results["bomb_batch"] = _bomb_batch(verifier, args)
 
     if args.json:
@@ -210,9 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"verifier benchmark: {args.num_workers} workers, timeout {args.timeout_s:g} s")
     print(f"  start-up (fork server warm-up + workers): {results['startup_s']} s")
+    load = os.getloadavg()[0]
+    print(f"  load average: {load:.1f} on {os.cpu_count()} CPUs (wall-time numbers depend on it)")
     for row in results["throughput"]:
         print(
-            f"  {row['mix']:>5}: {row['per_second']:8.1f} responses/s "
+            f"  {row['mix']:>8}: {row['per_second']:8.1f} responses/s wall, "
+            f"{row['per_cpu_second']} per CPU-second "
             f"({row['responses']} in {row['seconds']} s, wrong rewards {row['wrong_rewards']}, "
             f"timeouts {row['timeouts']})"
         )

@@ -106,6 +106,17 @@ def test_scores_and_metrics(math_verifier):
     assert math_verifier.score_batch(responses, ["0.5", r"\frac12", "4", "1"]) == report.scores
 
 
+def test_usable_from_a_thread(math_verifier):
+    # The driver may score from a non-main thread, where signal-based timeouts fail.
+    results = []
+    thread = threading.Thread(
+        target=lambda: results.append(math_verifier.score_batch([r"\boxed{2\sqrt{2}}"], [r"\sqrt{8}"]))
+    )
+    thread.start()
+    thread.join(60)
+    assert results == [[1.0]]
+
+
 def test_empty_batch_and_length_mismatch(math_verifier):
     report = math_verifier.score_batch_detailed([], [])
     assert report.scores == []

@@ -155,6 +155,7 @@ class _Zygote:
         theirs.close()
         self._buf = b""
         self.ready = False
+        self.broken = False  # a fork request failed: replace this zygote
 
     def wait_ready(self, timeout_s: float) -> None:
         self.ctrl.settimeout(timeout_s)
@@ -281,17 +282,20 @@ class ScoringPool:
 
     def _zygote(self) -> _Zygote:
         z = self._zygotes[0]
-        if not z.alive():
+        if z.broken or not z.alive():
             z.stop()
             self._zygotes[0] = z = _Zygote(self._zygote_cfg)
         return z
 
     def _spawn(self) -> None:
+        zygote = self._zygote()
         try:
-            pid, conn = self._zygote().fork(self.startup_timeout_s)
+            pid, conn = zygote.fork(self.startup_timeout_s)
         except WorkerStartError:
             raise
         except OSError as exc:
+            # Most likely the zygote was killed; the next call starts a new one.
+            zygote.broken = True
             self._startup_failures += 1
             if self._startup_failures >= MAX_STARTUP_FAILURES:
                 raise WorkerStartError(f"cannot start verifier workers: {exc}") from exc
@@ -465,17 +469,21 @@ class ScoringPool:
             self._park_threshold = max(self.park_after_s, PARK_FACTOR * p95)
 
     def _on_death(self, w: _Worker, batch: _Batch) -> None:
-        if not w.ready:
+        # Workers die with their zygote (killed from outside); that is no fault of
+        # the worker's start-up or of the sample it ran.
+        blameless = not self._zygotes[0].alive()
+        if not w.ready and not blameless:
             self._startup_failures += 1
             if self._startup_failures >= MAX_STARTUP_FAILURES:
                 self._bury(w)
                 raise WorkerStartError("verifier workers keep dying at start-up")
         if w.inflight:
             head = w.inflight.popleft()
-            batch.attempts[head] = batch.attempts.get(head, 0) + 1
+            attempts = batch.attempts.get(head, 0) + (0 if blameless else 1)
+            batch.attempts[head] = attempts
             rest = list(w.inflight)
             w.inflight.clear()
-            if batch.attempts[head] >= 2:
+            if attempts >= 2:
                 batch.finish(head, Outcome(0.0, Status.ERROR, "worker died twice on this sample"))
                 batch.requeue(rest)
             else:

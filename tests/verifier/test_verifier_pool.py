@@ -190,10 +190,14 @@ def test_from_config_and_close_terminates_workers():
 
 def test_zygote_killed_externally_is_restarted(math_verifier):
     pool = math_verifier._pool
-    os.kill(pool._zygotes[0].proc.pid, signal.SIGKILL)
-    for pid in math_verifier.worker_pids():
-        os.kill(pid, signal.SIGKILL)
-    assert math_verifier.score_batch([r"\boxed{0.25}"], [r"\frac14"]) == [1.0]
+    old_workers = math_verifier.worker_pids()
+    os.kill(pool._zygotes[0].proc.pid, signal.SIGKILL)  # its workers die with it
+    responses = [rf"\boxed{{{i}.5}}" for i in range(1, 20)]
+    answers = [rf"\frac{{{2 * i + 1}}}{{2}}" for i in range(1, 20)]
+    report = math_verifier.score_batch_detailed(responses, answers)
+    assert report.scores == [1.0] * 19
+    assert report.errors == 0 and report.timeouts == 0
+    assert _wait_dead(old_workers)
 
 
 # ---- plugins -------------------------------------------------------------------------

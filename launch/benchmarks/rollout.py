@@ -56,18 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from transformers import AutoTokenizer
 
-    from conf.schema import ModelConfig, RolloutConfig
-    from launch.data import synthetic_sums
+    from conf.schema import ModelConfig, RolloutConfig, SyntheticTaskConfig, TinyModelConfig
+    from launch.data import synthetic_problems
     from launch.tiny_model import build_tiny_model
     from rollout.group import RolloutGroup
     from rollout.worker import engine_env
 
     cfg = RolloutConfig(num_workers=1, samples_per_prompt=args.n, max_response_tokens=args.max_tokens,
                         cpus_per_worker=1)
-    model_path = args.model or str(build_tiny_model(tempfile.mkdtemp() + "/tiny"))
+    model_path = args.model or str(build_tiny_model(tempfile.mkdtemp() + "/tiny",
+                                                    TinyModelConfig(warm_start_steps=0)))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompt_ids = [tokenizer(r.prompt)["input_ids"]
-                  for r in synthetic_sums(args.prompts, 50, 2, seed=0)]
+                  for r in synthetic_problems(SyntheticTaskConfig(), args.prompts, seed=0)]
 
     os.environ.update(engine_env(cfg))
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,

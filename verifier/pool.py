@@ -201,15 +201,14 @@ class _Zygote:
         return self.proc.poll() is None
 
     def stop(self) -> None:
+        # It holds no state, and may still be warming up (not reading its socket).
         try:
-            self.ctrl.close()  # EOF makes it exit
+            self.ctrl.close()
         except OSError:
             pass
-        try:
-            self.proc.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
 
 
 def _kill_all(workers: list[_Worker], zygotes: list[_Zygote]) -> None:

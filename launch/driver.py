@@ -154,10 +154,7 @@ class Trainer:
         log.info("Ray: %s; model: %s; run directory: %s", where, model_path, run_dir)
 
         sequences_per_step = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
-        verifier = MathVerifier(timeout_s=cfg.verifier.timeout_s,
-                                num_workers=cfg.verifier.num_workers,
-                                reward_fn=cfg.verifier.reward_fn,
-                                format_penalty=cfg.verifier.format_penalty)
+        verifier = MathVerifier.from_config(cfg.verifier)
         rollout = learners = placement = None
         writer = MetricsWriter(run_dir)
         last: dict = {}

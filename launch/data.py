@@ -12,10 +12,18 @@ from conf.schema import SyntheticTaskConfig
 
 @dataclass(frozen=True)
 class PromptRecord:
-    prompt: str
+    # Plain text, or chat messages ({"role", "content"} pairs) for the tokenizer's template.
+    prompt: str | tuple[tuple[str, str], ...]
     answer: str
     data_source: str = "unknown"
     id: str = ""
+
+    @property
+    def is_chat(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.prompt]
 
 
 class DataError(ValueError):
@@ -48,41 +56,80 @@ def synthetic_problems(task: SyntheticTaskConfig, num_problems: int,
     return records
 
 
-def load_jsonl(path: str | Path) -> list[PromptRecord]:
-    """Rows of ``{"prompt": str, "answer": str|number, "data_source"?: str, "id"?: str}``.
+def load_prompts_file(path: str | Path) -> list[PromptRecord]:
+    """Rows of ``prompt`` (string or chat messages), ``answer``, optional ``data_source``
+    and ``id``, from a ``.jsonl`` or ``.parquet`` file.
 
-    A malformed row is an error naming the file, the 1-based row and the field;
-    rows are never dropped silently.
+    A malformed row is an error naming the file, the 1-based row and the field; rows are
+    never dropped silently.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for row_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, row {row_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            for name in ("prompt", "answer"):
-                if name not in row:
-                    raise DataError(f"{where}: missing field '{name}'")
-            if not isinstance(row["prompt"], str) or not row["prompt"]:
-                raise DataError(f"{where}: field 'prompt' must be a non-empty string")
-            if not isinstance(row["answer"], (str, int, float)):
-                raise DataError(f"{where}: field 'answer' must be a string or a number")
-            records.append(PromptRecord(
-                prompt=row["prompt"], answer=str(row["answer"]),
-                data_source=str(row.get("data_source", path.stem)),
-                id=str(row.get("id", f"{path.stem}-{row_number}"))))
+    if path.suffix == ".parquet":
+        rows = _parquet_rows(path)
+    elif path.suffix in (".jsonl", ".json"):
+        rows = _jsonl_rows(path)
+    else:
+        raise DataError(f"{path}: unsupported data format '{path.suffix}' (use .jsonl or .parquet)")
+    records = [_record(row, f"{path}, row {number}", path.stem, number) for number, row in rows]
     if not records:
         raise DataError(f"{path}: contains no rows")
     return records
+
+
+def _jsonl_rows(path: Path):
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, row {number}: not valid JSON ({err.msg})") from None
+
+
+def _parquet_rows(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 - any reader failure is a data error here
+        raise DataError(f"{path}: cannot read as Parquet ({err})") from None
+    yield from enumerate(table.to_pylist(), start=1)
+
+
+def _record(row, where: str, default_source: str, number: int) -> PromptRecord:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with 'prompt' and 'answer'")
+    for name in ("prompt", "answer"):
+        if row.get(name) is None:
+            raise DataError(f"{where}: missing field '{name}'")
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        prompt = _messages(prompt, where)
+    elif not isinstance(prompt, str) or not prompt:
+        raise DataError(f"{where}: field 'prompt' must be a non-empty string or a list of "
+                        "chat messages")
+    answer = row["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise DataError(f"{where}: field 'answer' must be a string or a number")
+    return PromptRecord(prompt=prompt, answer=str(answer),
+                        data_source=str(row.get("data_source") or default_source),
+                        id=str(row.get("id") or f"{default_source}-{number}"))
+
+
+def _messages(messages: list, where: str) -> tuple[tuple[str, str], ...]:
+    if not messages:
+        raise DataError(f"{where}: field 'prompt' is an empty message list")
+    out = []
+    for i, message in enumerate(messages):
+        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                or not isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: field 'prompt[{i}]' must be an object with string "
+                            "'role' and 'content'")
+        out.append((message["role"], message["content"]))
+    return tuple(out)
 
 
 class PromptSampler:

@@ -13,7 +13,7 @@ import torch
 
 from conf.schema import LpregConfig
 from launch.config import to_yaml
-from launch.data import PromptRecord, PromptSampler, load_jsonl, synthetic_problems
+from launch.data import PromptRecord, PromptSampler, load_prompts_file, synthetic_problems
 from launch.evaluation import EvalResult, evaluate
 from launch.metrics import MetricsWriter
 
@@ -56,11 +56,11 @@ def resolve_model_path(cfg: LpregConfig) -> str:
 def load_prompts(cfg: LpregConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """Training prompts and held-out evaluation prompts."""
     if cfg.data.train_path:
-        train = load_jsonl(cfg.data.train_path)
-        held_out = load_jsonl(cfg.data.eval_path) if cfg.data.eval_path else []
+        train = load_prompts_file(cfg.data.train_path)
+        held_out = load_prompts_file(cfg.data.eval_path) if cfg.data.eval_path else []
         return train, held_out
     if cfg.data.eval_path:
-        held_out = load_jsonl(cfg.data.eval_path)
+        held_out = load_prompts_file(cfg.data.eval_path)
     else:
         # Distinct problems from their own seed...
         candidates = synthetic_problems(cfg.data.synthetic, 4 * cfg.data.num_synthetic_eval,
@@ -75,11 +75,26 @@ def load_prompts(cfg: LpregConfig) -> tuple[list[PromptRecord], list[PromptRecor
     return train, held_out
 
 
+def prompt_token_ids(tokenizer, record: PromptRecord) -> list[int]:
+    """Plain prompts are tokenized as they are; chat prompts go through the chat template."""
+    if not record.is_chat:
+        return tokenizer(record.prompt)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        from launch.data import DataError
+
+        raise DataError(f"prompt '{record.id}' is a list of chat messages, but the model's "
+                        "tokenizer has no chat template")
+    ids = tokenizer.apply_chat_template(record.messages(), add_generation_prompt=True,
+                                        tokenize=True)
+    # transformers 5 returns a BatchEncoding here, 4.x a plain list.
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def tokenize_prompts(tokenizer, records: list[PromptRecord], max_tokens: int):
     """Token ids per prompt; prompts over ``max_tokens`` are dropped and counted."""
     kept, ids, dropped = [], [], 0
     for record in records:
-        tokens = tokenizer(record.prompt)["input_ids"]
+        tokens = prompt_token_ids(tokenizer, record)
         if len(tokens) > max_tokens:
             dropped += 1
             continue

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conf.schema import SyntheticTaskConfig
-from launch.data import DataError, PromptSampler, load_jsonl, synthetic_problems
+from launch.data import DataError, PromptSampler, load_prompts_file, synthetic_problems
 
 
 def test_synthetic_sums_are_reproducible_and_correct():
@@ -34,7 +34,7 @@ def test_jsonl_rows_load(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "1+1=", "answer": 2}) + "\n\n"
                     + json.dumps({"prompt": "p", "answer": "x", "data_source": "s", "id": "7"}) + "\n")
-    rows = load_jsonl(path)
+    rows = load_prompts_file(path)
     assert [r.answer for r in rows] == ["2", "x"]
     assert rows[1].data_source == "s" and rows[1].id == "7"
 
@@ -44,13 +44,16 @@ def test_jsonl_rows_load(tmp_path):
     ('{"answer": "1"}', "row 2: missing field 'prompt'"),
     ('{"prompt": "q"}', "row 2: missing field 'answer'"),
     ('{"prompt": 5, "answer": "1"}', "row 2: field 'prompt'"),
-    ('[1, 2]', "row 2: expected a JSON object"),
+    ('[1, 2]', "row 2: expected an object"),
+    ('{"prompt": [], "answer": "1"}', "row 2: field 'prompt' is an empty message list"),
+    ('{"prompt": [{"role": "user"}], "answer": "1"}', r"row 2: field 'prompt\[0\]'"),
+    ('{"prompt": "q", "answer": true}', "row 2: field 'answer'"),
 ])
 def test_malformed_rows_name_file_row_and_field(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok", "answer": "1"}\n' + line + "\n")
     with pytest.raises(DataError, match=message) as err:
-        load_jsonl(path)
+        load_prompts_file(path)
     assert str(path) in str(err.value)
 
 
@@ -80,3 +83,45 @@ def test_synthetic_held_out_set_is_full_size_distinct_and_never_trained_on():
     assert len({r.prompt for r in held_out}) == 500
     assert not {r.prompt for r in held_out} & {r.prompt for r in train}
     assert len(train) > 10000
+
+
+def test_parquet_rows_load_and_bad_rows_are_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": ["1+1=", "2+2="], "answer": ["2", "4"],
+                             "data_source": ["a", "b"]}), good)
+    rows = load_prompts_file(good)
+    assert [(r.prompt, r.answer, r.data_source) for r in rows] == [("1+1=", "2", "a"),
+                                                                  ("2+2=", "4", "b")]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": ["1+1=", None], "answer": ["2", "4"]}), bad)
+    with pytest.raises(DataError, match=r"bad.parquet, row 2: missing field 'prompt'"):
+        load_prompts_file(bad)
+
+
+def test_unknown_format_is_refused(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,answer\n")
+    with pytest.raises(DataError, match="unsupported data format '.csv'"):
+        load_prompts_file(path)
+
+
+def test_chat_prompts_go_through_the_chat_template(tmp_path):
+    from launch.driver import prompt_token_ids
+    from launch.tiny_model import build_tokenizer
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+1="}],
+                                "answer": "2"}) + "\n")
+    record = load_prompts_file(path)[0]
+    assert record.is_chat and record.messages() == [{"role": "user", "content": "1+1="}]
+
+    tokenizer = build_tokenizer()
+    with pytest.raises(DataError, match="has no chat template"):
+        prompt_token_ids(tokenizer, record)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                               "{% if add_generation_prompt %}A:{% endif %}")
+    ids = prompt_token_ids(tokenizer, record)
+    assert tokenizer.decode(ids) == "<user>1+1=A:"

@@ -17,6 +17,7 @@ import asyncio
 import os
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Left out of the upload: environments, outputs, caches, VCS data and model weights.
 # Ray also honours .gitignore, but an explicit list keeps the upload small even when
-# the project is not a git checkout. Ray refuses working directories over 500 MiB.
+# the project is not a git checkout. Ray refuses packages over 500 MiB.
 UPLOAD_EXCLUDES = [
     ".venv/", "venv/", ".git/", "runs/", "/models/", ".bench/", ".gpu-wheels/",
     "__pycache__/", "*.pyc", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/",
@@ -177,8 +178,30 @@ def train_entrypoint(recipe: str | None, overrides: Sequence[str], python: str =
     return shlex.join(argv)
 
 
-def job_runtime_env(project_dir: Path) -> dict:
-    return {"working_dir": str(project_dir), "excludes": list(UPLOAD_EXCLUDES)}
+def package_project(project_dir: Path, dest_dir: Path) -> Path:
+    """Zip the project once, with Ray's own packager and selection rules.
+
+    Given a directory, Ray's client hashes the tree twice: once for the package name
+    the job will ask for, once for the upload. A file saved in between (an editor, a
+    test run writing into the tree) makes the two differ, and the job fails to find
+    its package. A finished zip hashes the same both times. The selection is Ray's:
+    .gitignore and .rayignore, Ray's default excludes, and ``UPLOAD_EXCLUDES``.
+    """
+    from ray._private.ray_constants import (
+        RAY_RUNTIME_ENV_IGNORE_GITIGNORE,
+        get_runtime_env_default_excludes,
+    )
+    from ray._private.runtime_env.packaging import create_package
+
+    include_gitignore = os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    target = dest_dir / "lpreg-project.zip"
+    create_package(str(project_dir), target, include_gitignore=include_gitignore,
+                   excludes=get_runtime_env_default_excludes() + UPLOAD_EXCLUDES)
+    return target
+
+
+def job_runtime_env(package: Path) -> dict:
+    return {"working_dir": str(package)}
 
 
 def relative_path_notes(cfg) -> list[str]:
@@ -247,9 +270,13 @@ class JobServer:
         first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         return f"the Ray job server at {self.address} failed: {first_line}"
 
-    def submit(self, entrypoint: str, runtime_env: dict, submission_id: str | None) -> str:
-        with self.translating_errors():
-            return self.client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+    def submit(self, entrypoint: str, project_dir: Path, submission_id: str | None) -> str:
+        with self.translating_errors(), tempfile.TemporaryDirectory(prefix="lpreg-submit-") as tmp:
+            package = package_project(project_dir, Path(tmp))
+            print(f"shipping {project_dir} ({package.stat().st_size / 1024:.0f} KiB zipped)",
+                  file=sys.stderr)
+            return self.client.submit_job(entrypoint=entrypoint,
+                                          runtime_env=job_runtime_env(package),
                                           submission_id=submission_id)
 
     def status(self, job_id: str) -> tuple[str, str]:
@@ -344,7 +371,7 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"lpreg: note: {note}", file=sys.stderr)
     try:
         server = open_server(args.address)
-        job_id = server.submit(entrypoint, job_runtime_env(project_dir), args.job_id)
+        job_id = server.submit(entrypoint, project_dir, args.job_id)
         print(job_id, flush=True)
         print(f"submitted to {server.address}: {entrypoint}\n"
               f"  lpreg status {job_id} | lpreg logs {job_id} --follow | lpreg stop {job_id}",

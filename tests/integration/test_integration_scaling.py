@@ -23,6 +23,8 @@ def _train(out: Path, num_workers: int) -> tuple[subprocess.CompletedProcess, li
            "trainer.total_steps=2", f"trainer.run_name=workers{num_workers}",
            f"trainer.output_dir={out / 'runs'}", "trainer.eval_every=-1",
            f"rollout.num_workers={num_workers}", "learner.num_workers=1",
+           # 8 prompts x 4 samples, pinned: a small step, whatever the defaults say.
+           "data.prompts_per_step=8", "rollout.samples_per_prompt=4",
            # A random tiny model, built once and shared by both runs: this is about
            # placement and request balancing, not learning.
            "model.tiny.warm_start_steps=0", f"model.cache_dir={out / 'models'}"]
@@ -59,7 +61,8 @@ def test_every_one_of_three_workers_served_requests(runs):
     for record in metrics:
         per_worker = record["rollout/requests_per_worker"]
         assert len(per_worker) == 3 and min(per_worker) > 0, per_worker
-        # 8 prompts x 4 samples, split 3/3/2 prompts.
+        # 8 prompts of 4 samples each, split 3/3/2 prompts.
+        assert per_worker == [12, 12, 8]
         assert sum(per_worker) == record["rollout/num_samples"] == 32
 
 

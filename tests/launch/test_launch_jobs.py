@@ -195,10 +195,13 @@ class FakeClient:
     def __init__(self, address: str, headers: dict[str, str], final: str = "SUCCEEDED") -> None:
         self.address, self.headers, self.final = address, headers, final
         self.submitted: dict = {}
+        self.shipped: list[str] = []
         FakeClient.instances.append(self)
 
     def submit_job(self, **kwargs) -> str:
         self.submitted = kwargs
+        # The package only lives until submit_job returns.
+        self.shipped = zipfile.ZipFile(kwargs["runtime_env"]["working_dir"]).namelist()
         return kwargs.get("submission_id") or "raysubmit_fake"
 
     async def tail_job_logs(self, job_id: str):
@@ -240,9 +243,9 @@ def test_submit_passes_recipe_overrides_and_token(fake_client, monkeypatch, caps
     assert shlex.split(entrypoint) == [
         "python", "-m", "launch.cli", "train", "-c", "lp_reg_on_policy", "trainer.total_steps=2",
         "trainer.output_dir=/shared/runs", "rollout.num_workers=3", "trainer.run_name=a b"]
-    env = client.submitted["runtime_env"]
-    assert env["working_dir"] == str(PROJECT_DIR)
-    assert {".venv/", ".git/", "runs/", "/models/", "__pycache__/"} <= set(env["excludes"])
+    assert client.submitted["runtime_env"]["working_dir"].endswith(".zip")
+    assert "launch/cli.py" in client.shipped and "conf/recipes/lp_reg_on_policy.yaml" in client.shipped
+    assert not any(name.startswith((".venv/", ".git/")) for name in client.shipped)
 
 
 def test_submit_with_explicit_address_job_id_and_python(fake_client, capsys):
@@ -324,10 +327,7 @@ def test_entrypoint_quotes_values():
 
 
 def test_upload_leaves_out_environment_caches_and_outputs(tmp_path):
-    from ray._private.runtime_env.packaging import _zip_files
-
-    target = tmp_path / "pkg.zip"
-    _zip_files(str(PROJECT_DIR), jobs.UPLOAD_EXCLUDES, str(target), include_gitignore=True)
+    target = jobs.package_project(PROJECT_DIR, tmp_path)
     names = zipfile.ZipFile(target).namelist()
     assert "launch/cli.py" in names and "conf/schema.py" in names
     for banned in (".venv/", ".git/", "runs/", "models/", "__pycache__/"):

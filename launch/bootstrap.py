@@ -124,13 +124,20 @@ def bootstrap(output_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskC
     build_tiny_model(scratch, cfg)
     model, tokenizer = load_tiny_model(scratch)
     torch.manual_seed(cfg.seed)
+    # A model this small gains nothing from a second thread, and on a busy machine
+    # OpenMP threads that wait on each other make every step many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     report: dict = {"tiny": vars(cfg), "task": vars(task)}
-    if cfg.warm_start_steps > 0:
-        report["warm_start"] = warm_start(model, tokenizer, task, cfg)
-        held_out = synthetic_problems(task, eval_problems, seed=cfg.seed + 7919)
-        report["warm_start"]["greedy_accuracy"] = greedy_accuracy(model, tokenizer, held_out)
-        log.info("warm-started model: greedy accuracy %.1f%% on %d held-out problems",
-                 100 * report["warm_start"]["greedy_accuracy"], len(held_out))
+    try:
+        if cfg.warm_start_steps > 0:
+            report["warm_start"] = warm_start(model, tokenizer, task, cfg)
+            held_out = synthetic_problems(task, eval_problems, seed=cfg.seed + 7919)
+            report["warm_start"]["greedy_accuracy"] = greedy_accuracy(model, tokenizer, held_out)
+            log.info("warm-started model: greedy accuracy %.1f%% on %d held-out problems",
+                     100 * report["warm_start"]["greedy_accuracy"], len(held_out))
+    finally:
+        torch.set_num_threads(threads)
     save_tiny_model(model, tokenizer, output_dir, report)
     shutil.rmtree(scratch, ignore_errors=True)
     (output_dir / "bootstrap.json").write_text(json.dumps(report, indent=2))

@@ -176,6 +176,18 @@ class TrainerConfig:
     eval_every: int = 0
     eval_temperature: float = 0.0  # 0 is greedy
     eval_samples: int = 1  # k of mean@k / pass@k; 1 with temperature 0 is greedy accuracy
+    # Checkpoints in <output_dir>/<run_name>/checkpoints/step_<N>/ every save_every steps
+    # and after the last step (0: never): DeepSpeed state of every learner rank, the
+    # sampler position, RNG states and a Hugging Face export. The newest keep_last
+    # stay (0: all).
+    save_every: int = 0
+    keep_last: int = 2
+    # "never": start from model.path. "auto": continue from this run's newest complete
+    # checkpoint, or start fresh when there is none. A path: continue from that
+    # checkpoint (a step_<N> directory, or a checkpoints directory for its newest).
+    resume: str = "never"
+    # A live progress bar when stdout is a terminal; one log line per step otherwise.
+    progress_bar: bool = True
 
 
 @dataclass

@@ -176,6 +176,60 @@ class Learner:
     def last_export_stats(self) -> tuple[int, int]:
         return self._export_stats
 
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, directory: str) -> int:
+        """This rank's DeepSpeed state and RNG; rank 0 also writes the Hugging Face export.
+
+        Every rank calls it at once: DeepSpeed synchronises the ranks while saving, and
+        under ZeRO-3 the export gathers the shards from all of them.
+        """
+        import torch
+
+        self.engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state",
+                                    save_latest=False)
+        rng_dir = os.path.join(directory, "learner_rng")
+        os.makedirs(rng_dir, exist_ok=True)
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save(rng, os.path.join(rng_dir, f"rank_{self.rank}.pt"))
+        self.export_hf(os.path.join(directory, "hf"))
+        return self.rank
+
+    def export_hf(self, directory: str) -> str | None:
+        """safetensors, config and tokenizer on rank 0: a directory vLLM loads directly."""
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        named = self._full_parameters()  # a collective under ZeRO-3: every rank enters
+        if self.rank != 0:
+            return None
+        hf_logging.disable_progress_bar()
+        # One entry per tensor: a tied output projection is restored from the
+        # embedding on load, as in the original model files.
+        unique = {name for name, _ in self.engine.module.named_parameters()}
+        state_dict = {name: tensor for name, tensor in named if name in unique}
+        self.engine.module.save_pretrained(directory, state_dict=state_dict,
+                                           safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(directory)
+        return directory
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore this rank's model, optimizer and scheduler state, and its RNG."""
+        import torch
+
+        load_path, _ = self.engine.load_checkpoint(
+            os.path.join(directory, "deepspeed"), tag="state", load_optimizer_states=True,
+            load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"learner-{self.rank}: no DeepSpeed state in {directory}")
+        rng_file = os.path.join(directory, "learner_rng", f"rank_{self.rank}.pt")
+        if os.path.isfile(rng_file):
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        return self.rank
+
     # -- GPU weight transfer (vLLM NCCL engine) ----------------------------------------
     def init_nccl_weight_transfer(self, rollout_handles: list, tensor_parallel_size: int) -> int:
         """Open one NCCL group per rollout worker: this rank is 0, the engine's TP ranks follow."""

@@ -64,6 +64,15 @@ class LearnerGroup:
         refs = {name: w.compute_log_probs.remote(batch) for name, w in self.named_workers()}
         return wait_named(refs, self.cfg.timeout_s, "compute log-probs")["learner-0"]
 
+    def save_checkpoint(self, directory: str) -> None:
+        # Every rank at once: DeepSpeed's save is a collective.
+        refs = {name: w.save_checkpoint.remote(directory) for name, w in self.named_workers()}
+        wait_named(refs, self.cfg.timeout_s, "save its checkpoint")
+
+    def load_checkpoint(self, directory: str) -> None:
+        refs = {name: w.load_checkpoint.remote(directory) for name, w in self.named_workers()}
+        wait_named(refs, self.cfg.timeout_s, "load its checkpoint")
+
     def shutdown(self) -> None:
         import ray
 

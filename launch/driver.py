@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import statistics
@@ -12,10 +13,12 @@ from pathlib import Path
 import torch
 
 from conf.schema import LpregConfig
+from launch import checkpoint
 from launch.config import to_yaml
 from launch.data import PromptRecord, PromptSampler, load_prompts_file, synthetic_problems
-from launch.evaluation import EvalResult, evaluate
+from launch.evaluation import EvalResult, evaluate, load_eval_results
 from launch.metrics import MetricsWriter
+from launch.progress import Progress
 
 log = logging.getLogger("lpreg")
 
@@ -124,6 +127,11 @@ def summarize_rollout(samples, rewards: list[float], max_tokens: int) -> dict[st
     }
 
 
+def prompt_ids_hash(records: list[PromptRecord]) -> str:
+    """A short fingerprint of a step's prompts, in order, to compare runs and resumes."""
+    return hashlib.sha1("\n".join(r.id for r in records).encode()).hexdigest()[:16]
+
+
 def average_learner_metrics(results) -> dict[str, float]:
     keys = sorted({k for r in results for k in r.metrics})
     return {k: statistics.fmean(r.metrics[k] for r in results if k in r.metrics) for k in keys}
@@ -146,6 +154,8 @@ class Trainer:
         from verifier import MathVerifier
 
         cfg = self.cfg
+        # Checkpoint problems are config problems: report them before anything is written.
+        resume_from, checkpoints_dir = checkpoint.plan(cfg)
         run_dir = prepare_run_dir(cfg)
         model_path = resolve_model_path(cfg)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -160,6 +170,10 @@ class Trainer:
                         cfg.data.max_prompt_tokens)
         ids_of = {id(r): ids for r, ids in zip(records, prompt_ids, strict=True)}
         sampler = PromptSampler(records, cfg.data.prompts_per_step, seed=cfg.trainer.seed)
+        if resume_from is not None:
+            checkpoint.check_compatible(
+                checkpoint.read_state(resume_from), world_size=cfg.learner.num_workers,
+                zero_stage=cfg.learner.zero_stage, num_prompts=len(records), where=resume_from)
 
         import ray
 
@@ -170,7 +184,7 @@ class Trainer:
 
         sequences_per_step = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
         verifier = MathVerifier.from_config(cfg.verifier)
-        rollout = learners = placement = None
+        rollout = learners = placement = progress = None
         writer = MetricsWriter(run_dir)
         last: dict = {}
         evaluations: list[EvalResult] = []
@@ -200,10 +214,21 @@ class Trainer:
                 log.info("eval at step %d: %s", at_step, _headline(result.metrics))
                 return result.metrics
 
-            if cfg.trainer.eval_every >= 0:
+            version = start_step = 0
+            if resume_from is not None:
+                state = checkpoint.restore(resume_from, learners, sampler)
+                version, start_step = state.weight_version, state.step
+                # The rollout workers loaded model.path; they need the restored weights
+                # before they generate anything.
+                sync.push(version)
+                evaluations.extend(load_eval_results(run_dir / "eval.jsonl", up_to_step=start_step))
+                log.info("resumed from %s: step %d, weight version %d", resume_from, start_step,
+                         version)
+            elif cfg.trainer.eval_every >= 0:
                 run_eval(0)
-            version = 0
-            for step in range(1, cfg.trainer.total_steps + 1):
+            progress = Progress(cfg.trainer.total_steps, start_step,
+                                enabled=cfg.trainer.progress_bar)
+            for step in range(start_step + 1, cfg.trainer.total_steps + 1):
                 step_start = time.perf_counter()
                 batch_records = sampler.next_batch()
                 roll = rollout.generate([ids_of[id(r)] for r in batch_records],
@@ -229,6 +254,7 @@ class Trainer:
                 sync_report = sync.push(version)
 
                 metrics = summarize_rollout(samples, rewards, cfg.rollout.max_response_tokens)
+                metrics["data/prompt_ids_hash"] = prompt_ids_hash(batch_records)
                 metrics.update(report.metrics())
                 metrics.update(average_learner_metrics(learner_results))
                 num_tokens = sum(roll.tokens_per_worker)
@@ -251,13 +277,23 @@ class Trainer:
                 every = cfg.trainer.eval_every
                 if (every > 0 and step % every == 0) or (every >= 0 and step == cfg.trainer.total_steps):
                     metrics.update(run_eval(step))
+                # Saved before the step's record is written: a step in metrics.jsonl
+                # that was due a checkpoint has a complete one.
+                if checkpoint.due(step, cfg.trainer.save_every, cfg.trainer.total_steps):
+                    save_start = time.perf_counter()
+                    saved = checkpoint.save(checkpoints_dir, checkpoint.TrainerState(
+                        step=step, weight_version=version, sampler=sampler.state(),
+                        num_prompts=len(records), learner_world_size=cfg.learner.num_workers,
+                        zero_stage=cfg.learner.zero_stage, seed=cfg.trainer.seed,
+                        model_path=model_path), learners, cfg.trainer.keep_last)
+                    metrics["timing/checkpoint_s"] = time.perf_counter() - save_start
+                    log.info("checkpoint saved: %s", saved)
                 writer.write(step, metrics)
                 last = metrics
-                log.info("step %d/%d reward %.3f len %.1f rollout %.1fs update %.1fs sync %.2fs",
-                         step, cfg.trainer.total_steps, metrics["reward/mean"],
-                         metrics["response_length/mean"], roll.seconds, update_s,
-                         sync_report.seconds)
+                progress.update(step, metrics)
         finally:
+            if progress is not None:
+                progress.close()
             writer.close()
             verifier.close()
             for group in (rollout, learners):

@@ -68,3 +68,31 @@ def evaluate(rollout, verifier, records: list[PromptRecord], prompt_ids: list[li
     metrics = summarize(records, per_prompt, k=samples)
     metrics["eval/temperature"] = temperature
     return EvalResult(step=step, metrics=metrics)
+
+
+def load_eval_results(path, up_to_step: int | None = None) -> list[EvalResult]:
+    """The training-time evaluations recorded in an ``eval.jsonl``, oldest first.
+
+    Records written by ``lpreg eval`` (they carry a ``source``) are not part of a run's
+    curve and are left out; so are steps after ``up_to_step``.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    results = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when a run was killed
+            continue
+        step = record.pop("step", None)
+        if "source" in record or not isinstance(step, int):
+            continue
+        if up_to_step is None or step <= up_to_step:
+            results.append(EvalResult(step=step, metrics=record))
+    return results

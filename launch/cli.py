@@ -36,6 +36,33 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from launch.eval_model import expand_shorthands, format_result, run_evaluation
+
+    cfg = load_config(args.config, expand_shorthands(args.overrides))
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    result, output = run_evaluation(cfg, args.output)
+    print(format_result(result))
+    print(f"appended to {output}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from launch.plot import default_out_dir, plot_runs
+
+    out = args.out or default_out_dir(args.run_dirs)
+    try:
+        written = plot_runs(args.run_dirs, out)
+    except FileNotFoundError as err:
+        print(f"lpreg: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    for path in written:
+        print(path)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -63,6 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("overrides", nargs="*", metavar="key=value",
                       help="e.g. model.tiny.warm_start_steps=2000 data.synthetic.max_operand=99")
     boot.set_defaults(func=_bootstrap)
+
+    evaluate = sub.add_parser(
+        "eval", help="evaluate a model directory or checkpoint on held-out problems")
+    evaluate.add_argument("-c", "--config", help="recipe YAML file, or the name of a shipped recipe")
+    evaluate.add_argument("--output", help="eval.jsonl to append to (default: the run directory "
+                          "of the checkpoint, else trainer.output_dir/trainer.run_name)")
+    evaluate.add_argument("--print-config", action="store_true",
+                          help="print the resolved config and exit")
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="e.g. model=runs/demo/checkpoints/step_60 data=aime.jsonl "
+             "trainer.eval_samples=8 trainer.eval_temperature=0.6 "
+             "(model= and data= stand for model.path= and data.eval_path=)")
+    evaluate.set_defaults(func=_eval)
+
+    plot = sub.add_parser("plot", help="PNG figures of one or more runs (several share each figure)")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", help="output directory (default: RUN_DIR/plots for one run, "
+                      "./plots for several)")
+    plot.set_defaults(func=_plot)
 
     bench = sub.add_parser("bench", help="benchmarks: rollout, loss, verifier")
     bench.add_argument("which", choices=["rollout", "loss", "verifier"])

@@ -163,6 +163,10 @@ class VerifierConfig:
     max_answer_chars: int = 1_000
     # Address-space limit of each worker process, in MiB; 0 for none.
     worker_memory_mb: int = 4096
+    # Reward of a response cut off at rollout.max_response_tokens, whatever it contains;
+    # None scores it like any other. Without this, pushing down the end-of-sequence token
+    # on wrong answers costs nothing, and responses drift to the length cap.
+    truncated_reward: float | None = 0.0
 
 
 @dataclass

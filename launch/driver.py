@@ -106,6 +106,15 @@ def tokenize_prompts(tokenizer, records: list[PromptRecord], max_tokens: int):
     return kept, ids, dropped
 
 
+def apply_truncated_reward(scores: list[float], finish_reasons: list[str],
+                           truncated_reward: float | None) -> list[float]:
+    """Give responses that hit the length cap ``truncated_reward`` instead of their score."""
+    if truncated_reward is None:
+        return list(scores)
+    return [truncated_reward if reason == "length" else score
+            for score, reason in zip(scores, finish_reasons, strict=True)]
+
+
 def weight_transport(cfg: LpregConfig) -> str:
     if cfg.rollout.weight_sync != "auto":
         return cfg.rollout.weight_sync
@@ -238,7 +247,9 @@ class Trainer:
                 report = verifier.score_batch_detailed(
                     [s.response_text for s in samples],
                     [batch_records[s.prompt_index].answer for s in samples])
-                rewards = report.scores
+                rewards = apply_truncated_reward(report.scores,
+                                                 [s.finish_reason for s in samples],
+                                                 cfg.verifier.truncated_reward)
 
                 group_index = torch.tensor([s.prompt_index for s in samples])
                 advantages = compute_advantages(

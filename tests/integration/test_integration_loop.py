@@ -28,6 +28,8 @@ def two_by_two_run(tmp_path_factory):
            "rollout.verify_weight_sync=true", "learner.lr=1e-3", "algorithm.loss=ppo_clip",
            "data.prompts_per_step=8", "rollout.samples_per_prompt=4", "learner.micro_batch_size=4",
            "verifier.reward_fn=toy_rewards:digit_share", "trainer.eval_every=-1",
+           # An untrained model rarely ends its answer, so keep truncated responses scored.
+           "verifier.truncated_reward=null",
            # A random tiny model: this test is about the plumbing, not learning.
            "model.tiny.warm_start_steps=0", f"model.cache_dir={out / 'models'}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)

@@ -125,3 +125,12 @@ def test_chat_prompts_go_through_the_chat_template(tmp_path):
                                "{% if add_generation_prompt %}A:{% endif %}")
     ids = prompt_token_ids(tokenizer, record)
     assert tokenizer.decode(ids) == "<user>1+1=A:"
+
+
+def test_truncated_responses_get_the_truncated_reward():
+    from launch.driver import apply_truncated_reward
+
+    scores, reasons = [1.0, 1.0, 0.0], ["stop", "length", "length"]
+    assert apply_truncated_reward(scores, reasons, 0.0) == [1.0, 0.0, 0.0]
+    assert apply_truncated_reward(scores, reasons, -1.0) == [1.0, -1.0, -1.0]
+    assert apply_truncated_reward(scores, reasons, None) == scores

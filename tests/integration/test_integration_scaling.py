@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,56 @@ def test_every_one_of_three_workers_served_requests(runs):
 def test_one_worker_serves_everything(runs):
     _, metrics = runs[1]
     assert [m["rollout/requests_per_worker"] for m in metrics] == [[32], [32]]
+
+
+def _cpus_come_back(ray, cpus: float, within_s: float = 30) -> bool:
+    """Ray releases a removed placement group asynchronously."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU") == cpus:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def small_local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_placement_that_does_not_fit_names_the_group(small_local_ray):
+    from launch.config import load_config
+    from launch.placement import Placement, PlacementError
+
+    cfg = load_config(overrides=["rollout.num_workers=3", "learner.num_workers=1",
+                                 "ray.placement_timeout_s=3"])
+    with pytest.raises(PlacementError) as failure:
+        Placement.create(cfg)
+    message = str(failure.value)
+    assert "rollout placement group (3 x {CPU: 1}, PACK) could not be scheduled within 3s" in message
+    assert "{CPU: 2, GPU: 0} in total" in message
+    # Nothing stays reserved after the failure.
+    assert _cpus_come_back(small_local_ray, 2.0)
+
+
+def test_colocated_bundles_are_reserved_and_released(small_local_ray):
+    from ray.util.placement_group import placement_group_table
+
+    from launch.config import load_config
+    from launch.placement import Placement
+
+    cfg = load_config(overrides=["rollout.num_workers=2", "learner.num_workers=1",
+                                 "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5",
+                                 "ray.colocate=true", "ray.placement_strategy=STRICT_PACK"])
+    placement = Placement.create(cfg)
+    (table,) = [t for t in placement_group_table().values() if t["state"] == "CREATED"]
+    assert table["strategy"] == "STRICT_PACK"
+    assert [b["CPU"] for b in table["bundles"].values()] == [1.0, 0.5]
+    assert placement.rollout(1).placement_group_bundle_index == 1
+    assert placement.learner(0).placement_group_bundle_index == 0
+    placement.remove()
+    assert _cpus_come_back(small_local_ray, 2.0)

@@ -121,6 +121,9 @@ def validate(cfg: LpregConfig) -> None:
             f"config key 'algorithm.mini_batches_per_step': data.prompts_per_step="
             f"{cfg.data.prompts_per_step} is not a multiple of it, so a GRPO group "
             "would be split across mini-batches")
+    from launch.placement import check_placement_config  # imports this module
+
+    check_placement_config(cfg)
     if cfg.algorithm.advantage in ("grpo", "drgrpo", "rloo") and cfg.rollout.samples_per_prompt < 2:
         raise ConfigError(
             f"config key 'rollout.samples_per_prompt' is {cfg.rollout.samples_per_prompt}, "

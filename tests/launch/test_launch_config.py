@@ -54,3 +54,8 @@ def test_print_config_shows_the_resolved_value():
                            "trainer.run_name=xyz"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "run_name: xyz" in proc.stdout
+
+
+def test_bad_placement_strategy_is_caught_when_the_config_loads():
+    with pytest.raises(ConfigError, match="ray.placement_strategy"):
+        load_config(overrides=["ray.placement_strategy=EVERYWHERE"])

@@ -99,7 +99,7 @@ class LearnerConfig:
     num_workers: int = 2
     zero_stage: int = 0
     micro_batch_size: int = 32  # sequences per forward pass on one learner
-    lr: float = 5e-4
+    lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
@@ -171,7 +171,7 @@ class VerifierConfig:
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 60
+    total_steps: int = 80
     run_name: str = "demo"
     output_dir: str = "runs"
     seed: int = 0

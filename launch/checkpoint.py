@@ -187,6 +187,13 @@ def plan(cfg) -> tuple[Path | None, Path]:
         raise ConfigError(
             f"config key 'trainer.resume': {root} holds checkpoints of an earlier run; pass "
             "trainer.resume=auto to continue it, or choose another trainer.run_name")
+    if resume_from is not None and trainer.resume != "auto":
+        step = read_state(resume_from).step
+        newer = [str(path) for s, path in list_checkpoints(root, warn=False) if s > step]
+        if newer:
+            log.warning("resuming from step %d while this run holds later checkpoints (%s): the "
+                        "new ones replace them step by step, and until then trainer.resume=auto "
+                        "would pick the later ones", step, ", ".join(newer))
     return resume_from, root
 
 

@@ -124,7 +124,7 @@ def test_resume_modes(tmp_path):
         checkpoint.resolve_resume(str(root / "step_2"), run_dir)
 
 
-def test_fresh_run_over_earlier_checkpoints_is_refused(tmp_path):
+def test_fresh_run_over_earlier_checkpoints_is_refused(tmp_path, caplog):
     cfg = LpregConfig()
     cfg.trainer.output_dir, cfg.trainer.run_name, cfg.trainer.save_every = str(tmp_path), "r", 2
     assert checkpoint.plan(cfg) == (None, tmp_path / "r" / "checkpoints")
@@ -133,6 +133,11 @@ def test_fresh_run_over_earlier_checkpoints_is_refused(tmp_path):
         checkpoint.plan(cfg)
     cfg.trainer.resume = "auto"
     assert checkpoint.plan(cfg)[0] == tmp_path / "r" / "checkpoints" / "step_2"
+    write(tmp_path / "r" / "checkpoints", 4)
+    cfg.trainer.resume = str(tmp_path / "r" / "checkpoints" / "step_2")
+    with caplog.at_level(logging.WARNING, logger="lpreg"):
+        assert checkpoint.plan(cfg)[0].name == "step_2"
+    assert "later checkpoints" in caplog.text and "step_4" in caplog.text
     cfg.trainer.save_every = -1
     with pytest.raises(ConfigError, match="trainer.save_every"):
         checkpoint.plan(cfg)

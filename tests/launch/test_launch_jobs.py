@@ -40,7 +40,13 @@ def clean_env(monkeypatch, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    return home
+    # Ray caches the token it found process-wide; an earlier test that started Ray in
+    # this process would otherwise lend its token to a client that should have none.
+    from ray._raylet import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()
+    yield home
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 # --- address -------------------------------------------------------------------------

@@ -70,13 +70,17 @@ def _bench(args: argparse.Namespace) -> int:
     return module.main(args.rest)
 
 
+def add_recipe_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="recipe YAML file, or the name of a shipped recipe")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lpreg", description="RL with verifiable rewards and Lp-Reg on Ray, vLLM and DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run training (a local Ray by default)")
-    train.add_argument("-c", "--config", help="recipe YAML file, or the name of a shipped recipe")
+    add_recipe_argument(train)
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit")
     train.add_argument("overrides", nargs="*", metavar="key=value",
@@ -86,14 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     boot = sub.add_parser(
         "bootstrap", help="build and warm-start the tiny offline model (what train uses by default)")
     boot.add_argument("--output", help="model directory (default: model.cache_dir/tiny-<hash>)")
-    boot.add_argument("-c", "--config", help="recipe YAML file, or the name of a shipped recipe")
+    add_recipe_argument(boot)
     boot.add_argument("overrides", nargs="*", metavar="key=value",
                       help="e.g. model.tiny.warm_start_steps=2000 data.synthetic.max_operand=99")
     boot.set_defaults(func=_bootstrap)
 
     evaluate = sub.add_parser(
         "eval", help="evaluate a model directory or checkpoint on held-out problems")
-    evaluate.add_argument("-c", "--config", help="recipe YAML file, or the name of a shipped recipe")
+    add_recipe_argument(evaluate)
     evaluate.add_argument("--output", help="eval.jsonl to append to (default: the run directory "
                           "of the checkpoint, else trainer.output_dir/trainer.run_name)")
     evaluate.add_argument("--print-config", action="store_true",

@@ -429,7 +429,9 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     _add_address(submit)
     submit.add_argument("--follow", action="store_true",
                         help="stream the logs until the job ends; exit non-zero unless it succeeded")
-    submit.add_argument("-c", "--config", help="recipe YAML file, or the name of a shipped recipe")
+    from launch.cli import add_recipe_argument
+
+    add_recipe_argument(submit)
     submit.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
     submit.add_argument("--python", default="python",
                         help="the Python the job runs on the cluster (default: python on the "

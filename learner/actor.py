@@ -6,6 +6,7 @@ owns the process group, the model, the optimizer and the weight export.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -255,7 +256,7 @@ class Learner:
 
         params = [p for p in self.engine.module.parameters()]
         gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-                  if self.cfg.zero_stage == 3 else _nullcontext())
+                  if self.cfg.zero_stage == 3 else contextlib.nullcontext())
         with gather:
             for transfer in self._nccl_engines:
                 transfer.send_weights()
@@ -269,14 +270,6 @@ def _dtype_kwarg(dtype) -> dict:
 
     major = int(transformers.__version__.split(".")[0])
     return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _to_device(batch: TrainBatch, device) -> TrainBatch:

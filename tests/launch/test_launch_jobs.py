@@ -183,10 +183,13 @@ def test_403_from_a_real_server_names_the_token_source(clean_env, refusing_serve
 def test_unreachable_server_is_one_clear_line(clean_env, capsys):
     import socket
 
-    with socket.socket() as sock:  # a port nobody listens on
+    # A bound socket that never listens refuses every connection, and holding it for the
+    # whole call keeps another process (a Ray agent of an earlier test, say) from taking
+    # the port in between and answering for it.
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    code = cli.main(["logs", "raysubmit_x", "--address", f"127.0.0.1:{port}"])
+        code = cli.main(["logs", "raysubmit_x", "--address", f"127.0.0.1:{port}"])
     err = capsys.readouterr().err
     assert code == 1 and "cannot reach a Ray job server" in err and "Traceback" not in err
 

@@ -27,9 +27,12 @@ class TinyModelConfig:
     warm_start_steps: int = 2000  # at most
     warm_start_target_accuracy: float = 0.25
     warm_start_probe_every: int = 10
-    warm_start_probe_problems: int = 100
+    warm_start_probe_problems: int = 200
     warm_start_batch_size: int = 64
-    warm_start_lr: float = 2e-3
+    # A linear warm-up and a moderate rate keep the sudden jump a smooth climb: at 2e-3
+    # without warm-up some seeds oscillate for thousands of steps and never make it.
+    warm_start_lr: float = 1e-3
+    warm_start_warmup_steps: int = 100
 
 
 @dataclass
@@ -62,6 +65,11 @@ class DataConfig:
     eval_path: str | None = None
     prompts_per_step: int = 32
     max_prompt_tokens: int = 64
+    # How prompts meet the tokenizer's chat template. "auto": through it whenever the
+    # tokenizer has one (a plain string becomes one user message), as they are otherwise;
+    # "always": the template is required; "never": plain strings as they are, which is
+    # what base models trained on raw text expect (chat-message prompts still need it).
+    chat_template: str = "auto"
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
     num_synthetic_train: int = 20000
     num_synthetic_eval: int = 500

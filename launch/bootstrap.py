@@ -80,6 +80,8 @@ def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig
     rng = random.Random(cfg.seed)
     probe = synthetic_problems(task, cfg.warm_start_probe_problems, seed=cfg.seed + 104729)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start_lr, weight_decay=0.0)
+    warmup = max(1, cfg.warm_start_warmup_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / warmup))
     model.train()
     start = time.perf_counter()
     loss_value, accuracy, step = float("nan"), 0.0, 0
@@ -91,6 +93,7 @@ def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         loss_value = loss.item()
         if step % cfg.warm_start_probe_every == 0 or step == cfg.warm_start_steps:
             accuracy = greedy_accuracy(model, tokenizer, probe)

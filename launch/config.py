@@ -91,6 +91,9 @@ def load_config(recipe: str | None = None, overrides: Iterable[str] = ()) -> Lpr
     return typed
 
 
+CHAT_TEMPLATE_MODES = ("auto", "always", "never")
+
+
 def validate(cfg: LpregConfig) -> None:
     """Checks that need several keys at once."""
     def positive(key: str, value) -> None:
@@ -105,6 +108,21 @@ def validate(cfg: LpregConfig) -> None:
     positive("algorithm.mini_batches_per_step", cfg.algorithm.mini_batches_per_step)
     positive("algorithm.epochs_per_step", cfg.algorithm.epochs_per_step)
     positive("trainer.total_steps", cfg.trainer.total_steps)
+    if cfg.data.chat_template not in CHAT_TEMPLATE_MODES:
+        raise ConfigError(f"config key 'data.chat_template' must be one of "
+                          f"{', '.join(CHAT_TEMPLATE_MODES)}, got {cfg.data.chat_template!r}")
+    tiny = cfg.model.tiny
+    if tiny.warm_start_steps < 0 or tiny.warm_start_warmup_steps < 0:
+        key = "warm_start_steps" if tiny.warm_start_steps < 0 else "warm_start_warmup_steps"
+        raise ConfigError(f"config key 'model.tiny.{key}' must be 0 or more, got {getattr(tiny, key)}")
+    if tiny.warm_start_steps > 0:
+        positive("model.tiny.warm_start_lr", tiny.warm_start_lr)
+        positive("model.tiny.warm_start_batch_size", tiny.warm_start_batch_size)
+        positive("model.tiny.warm_start_probe_every", tiny.warm_start_probe_every)
+        positive("model.tiny.warm_start_probe_problems", tiny.warm_start_probe_problems)
+        if not 0.0 < tiny.warm_start_target_accuracy <= 1.0:
+            raise ConfigError("config key 'model.tiny.warm_start_target_accuracy' must be in (0, 1], "
+                              f"got {tiny.warm_start_target_accuracy}")
     if cfg.learner.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'learner.zero_stage' must be 0, 1, 2 or 3, "
                           f"got {cfg.learner.zero_stage}")

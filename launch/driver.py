@@ -78,26 +78,33 @@ def load_prompts(cfg: LpregConfig) -> tuple[list[PromptRecord], list[PromptRecor
     return train, held_out
 
 
-def prompt_token_ids(tokenizer, record: PromptRecord) -> list[int]:
-    """Plain prompts are tokenized as they are; chat prompts go through the chat template."""
-    if not record.is_chat:
+def prompt_token_ids(tokenizer, record: PromptRecord, chat_template: str = "auto") -> list[int]:
+    """Token ids of one prompt, through the tokenizer's chat template where ``data.chat_template``
+    and the tokenizer say so (see the config key for the three modes)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    use_template = record.is_chat or chat_template == "always" or (
+        chat_template == "auto" and has_template)
+    if not use_template:
         return tokenizer(record.prompt)["input_ids"]
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_template:
         from launch.data import DataError
 
-        raise DataError(f"prompt '{record.id}' is a list of chat messages, but the model's "
-                        "tokenizer has no chat template")
-    ids = tokenizer.apply_chat_template(record.messages(), add_generation_prompt=True,
-                                        tokenize=True)
+        why = ("is a list of chat messages" if record.is_chat
+               else "needs it (data.chat_template=always)")
+        raise DataError(f"prompt '{record.id}' {why}, but the model's tokenizer has no chat "
+                        "template")
+    messages = record.messages() if record.is_chat else [{"role": "user", "content": record.prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     # transformers 5 returns a BatchEncoding here, 4.x a plain list.
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def tokenize_prompts(tokenizer, records: list[PromptRecord], max_tokens: int):
+def tokenize_prompts(tokenizer, records: list[PromptRecord], max_tokens: int,
+                     chat_template: str = "auto"):
     """Token ids per prompt; prompts over ``max_tokens`` are dropped and counted."""
     kept, ids, dropped = [], [], 0
     for record in records:
-        tokens = prompt_token_ids(tokenizer, record)
+        tokens = prompt_token_ids(tokenizer, record, chat_template)
         if len(tokens) > max_tokens:
             dropped += 1
             continue
@@ -146,159 +153,89 @@ def average_learner_metrics(results) -> dict[str, float]:
     return {k: statistics.fmean(r.metrics[k] for r in results if k in r.metrics) for k in keys}
 
 
+@dataclass
+class PreparedPrompts:
+    """Tokenized training and evaluation prompts, over-long ones already skipped."""
+
+    records: list[PromptRecord]
+    ids_of: dict[int, list[int]]  # id(record) -> prompt token ids
+    eval_records: list[PromptRecord]
+    eval_ids: list[list[int]]
+
+
+def prepare_prompts(cfg: LpregConfig, tokenizer) -> PreparedPrompts:
+    train_records, eval_records = load_prompts(cfg)
+    records, prompt_ids, dropped = tokenize_prompts(
+        tokenizer, train_records, cfg.data.max_prompt_tokens, cfg.data.chat_template)
+    eval_records, eval_ids, eval_dropped = tokenize_prompts(
+        tokenizer, eval_records, cfg.data.max_prompt_tokens, cfg.data.chat_template)
+    if dropped or eval_dropped:
+        log.warning("skipped %d training and %d evaluation prompts longer than "
+                    "data.max_prompt_tokens=%d", dropped, eval_dropped, cfg.data.max_prompt_tokens)
+    ids_of = {id(r): ids for r, ids in zip(records, prompt_ids, strict=True)}
+    return PreparedPrompts(records, ids_of, eval_records, eval_ids)
+
+
 class Trainer:
+    """Runs one training job: start the actors, then rollout -> verify -> update -> sync.
+
+    ``run`` owns the lifetime of everything it starts; the per-step work lives in
+    ``_train_step`` so that the loop reads as the algorithm does.
+    """
+
     def __init__(self, cfg: LpregConfig):
         self.cfg = cfg
+        self.rollout = self.learners = self.sync = None
+        self.evaluations: list[EvalResult] = []
 
     def run(self) -> RunResult:
         from transformers import AutoTokenizer
 
         from launch import ray_setup
         from launch.placement import Placement
-        from learner import compute_advantages
-        from learner.batch import build_train_batch
-        from learner.group import LearnerGroup
-        from rollout.group import RolloutGroup
-        from rollout.weight_sync import make_weight_sync
         from verifier import MathVerifier
 
         cfg = self.cfg
         # Checkpoint problems are config problems: report them before anything is written.
-        resume_from, checkpoints_dir = checkpoint.plan(cfg)
-        run_dir = prepare_run_dir(cfg)
-        model_path = resolve_model_path(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        train_records, eval_records = load_prompts(cfg)
-        records, prompt_ids, dropped = tokenize_prompts(
-            tokenizer, train_records, cfg.data.max_prompt_tokens)
-        eval_records, eval_ids, eval_dropped = tokenize_prompts(
-            tokenizer, eval_records, cfg.data.max_prompt_tokens)
-        if dropped or eval_dropped:
-            log.warning("skipped %d training and %d evaluation prompts longer than "
-                        "data.max_prompt_tokens=%d", dropped, eval_dropped,
-                        cfg.data.max_prompt_tokens)
-        ids_of = {id(r): ids for r, ids in zip(records, prompt_ids, strict=True)}
-        sampler = PromptSampler(records, cfg.data.prompts_per_step, seed=cfg.trainer.seed)
+        resume_from, self.checkpoints_dir = checkpoint.plan(cfg)
+        self.run_dir = prepare_run_dir(cfg)
+        self.model_path = resolve_model_path(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.prompts = prepare_prompts(cfg, self.tokenizer)
+        self.sampler = PromptSampler(self.prompts.records, cfg.data.prompts_per_step,
+                                     seed=cfg.trainer.seed)
         if resume_from is not None:
             checkpoint.check_compatible(
                 checkpoint.read_state(resume_from), world_size=cfg.learner.num_workers,
-                zero_stage=cfg.learner.zero_stage, num_prompts=len(records), where=resume_from)
+                zero_stage=cfg.learner.zero_stage, num_prompts=len(self.prompts.records),
+                where=resume_from)
 
         import ray
 
         started_ray = not ray.is_initialized()
         where = ray_setup.connect(cfg)
         ray_setup.check_capacity(cfg)
-        log.info("Ray: %s; model: %s; run directory: %s", where, model_path, run_dir)
+        log.info("Ray: %s; model: %s; run directory: %s", where, self.model_path, self.run_dir)
 
-        sequences_per_step = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
-        verifier = MathVerifier.from_config(cfg.verifier)
-        rollout = learners = placement = progress = None
-        writer = MetricsWriter(run_dir)
+        self.verifier = MathVerifier.from_config(cfg.verifier)
+        placement = progress = None
+        writer = MetricsWriter(self.run_dir)
         last: dict = {}
-        evaluations: list[EvalResult] = []
         try:
-            t0 = time.perf_counter()
             placement = Placement.create(cfg)
-            log.info("placement groups: %s", placement.describe())
-            rollout = RolloutGroup(cfg.rollout.num_workers, model_path, cfg.model, cfg.rollout,
-                                   seed=cfg.trainer.seed, placement=placement.rollout)
-            learners = LearnerGroup(model_path, cfg.model, cfg.learner, cfg.algorithm,
-                                    temperature=cfg.rollout.temperature,
-                                    sequences_per_step=sequences_per_step,
-                                    seed=cfg.trainer.seed, placement=placement.learner)
-            sync = make_weight_sync(weight_transport(cfg), learners, rollout,
-                                    timeout_s=cfg.rollout.timeout_s)
-            log.info("actors ready in %.1fs", time.perf_counter() - t0)
-
-            def run_eval(at_step: int) -> dict:
-                if not eval_records:
-                    return {}
-                result = evaluate(rollout, verifier, eval_records, eval_ids, step=at_step,
-                                  temperature=cfg.trainer.eval_temperature,
-                                  samples=cfg.trainer.eval_samples, seed=cfg.trainer.seed)
-                evaluations.append(result)
-                with (run_dir / "eval.jsonl").open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(result.as_record(), sort_keys=True) + "\n")
-                log.info("eval at step %d: %s", at_step, _headline(result.metrics))
-                return result.metrics
-
-            version = start_step = 0
-            if resume_from is not None:
-                state = checkpoint.restore(resume_from, learners, sampler)
-                version, start_step = state.weight_version, state.step
-                # The rollout workers loaded model.path; they need the restored weights
-                # before they generate anything.
-                sync.push(version)
-                evaluations.extend(load_eval_results(run_dir / "eval.jsonl", up_to_step=start_step))
-                log.info("resumed from %s: step %d, weight version %d", resume_from, start_step,
-                         version)
-            elif cfg.trainer.eval_every >= 0:
-                run_eval(0)
-            progress = Progress(cfg.trainer.total_steps, start_step,
-                                enabled=cfg.trainer.progress_bar)
+            self._start_actors(placement)
+            start_step = self._resume(resume_from) if resume_from is not None else 0
+            if resume_from is None and cfg.trainer.eval_every >= 0:
+                self._evaluate(0)
+            progress = Progress(cfg.trainer.total_steps, start_step, enabled=cfg.trainer.progress_bar)
             for step in range(start_step + 1, cfg.trainer.total_steps + 1):
-                step_start = time.perf_counter()
-                batch_records = sampler.next_batch()
-                roll = rollout.generate([ids_of[id(r)] for r in batch_records],
-                                        seed=cfg.trainer.seed * 100_003 + step)
-                samples = roll.samples
-
-                report = verifier.score_batch_detailed(
-                    [s.response_text for s in samples],
-                    [batch_records[s.prompt_index].answer for s in samples])
-                rewards = apply_truncated_reward(report.scores,
-                                                 [s.finish_reason for s in samples],
-                                                 cfg.verifier.truncated_reward)
-
-                group_index = torch.tensor([s.prompt_index for s in samples])
-                advantages = compute_advantages(
-                    cfg.algorithm.advantage, torch.tensor(rewards, dtype=torch.float32),
-                    group_index)
-                batch = build_train_batch(samples, advantages, tokenizer.pad_token_id)
-
-                update_start = time.perf_counter()
-                learner_results = learners.train_step(batch)
-                update_s = time.perf_counter() - update_start
-
-                version += 1
-                sync_report = sync.push(version)
-
-                metrics = summarize_rollout(samples, rewards, cfg.rollout.max_response_tokens)
-                metrics["data/prompt_ids_hash"] = prompt_ids_hash(batch_records)
-                metrics.update(report.metrics())
-                metrics.update(average_learner_metrics(learner_results))
-                num_tokens = sum(roll.tokens_per_worker)
-                staleness = [version - 1 - s.weight_version for s in samples]
-                metrics.update({
-                    "timing/rollout_s": roll.seconds,
-                    "timing/update_s": update_s,
-                    "timing/weight_sync_s": sync_report.seconds,
-                    "timing/step_s": time.perf_counter() - step_start,
-                    "rollout/tokens_per_s": num_tokens / roll.seconds if roll.seconds else 0.0,
-                    "rollout/requests_per_worker": roll.requests_per_worker,
-                    "rollout/tokens_per_worker": roll.tokens_per_worker,
-                    "rollout/staleness_max": max(staleness),
-                    "weights/version": version,
-                    "weights/sync_bytes": sync_report.num_bytes,
-                    "perf/throughput": num_tokens / (time.perf_counter() - step_start),
-                })
-                if cfg.rollout.verify_weight_sync:
-                    metrics["weights/rollout_checksums"] = rollout.weights_checksums()
-                every = cfg.trainer.eval_every
-                if (every > 0 and step % every == 0) or (every >= 0 and step == cfg.trainer.total_steps):
-                    metrics.update(run_eval(step))
+                metrics = self._train_step(step)
+                if self._eval_due(step):
+                    metrics.update(self._evaluate(step))
                 # Saved before the step's record is written: a step in metrics.jsonl
                 # that was due a checkpoint has a complete one.
                 if checkpoint.due(step, cfg.trainer.save_every, cfg.trainer.total_steps):
-                    save_start = time.perf_counter()
-                    saved = checkpoint.save(checkpoints_dir, checkpoint.TrainerState(
-                        step=step, weight_version=version, sampler=sampler.state(),
-                        num_prompts=len(records), learner_world_size=cfg.learner.num_workers,
-                        zero_stage=cfg.learner.zero_stage, seed=cfg.trainer.seed,
-                        model_path=model_path), learners, cfg.trainer.keep_last)
-                    metrics["timing/checkpoint_s"] = time.perf_counter() - save_start
-                    log.info("checkpoint saved: %s", saved)
+                    metrics["timing/checkpoint_s"] = self._save_checkpoint(step)
                 writer.write(step, metrics)
                 last = metrics
                 progress.update(step, metrics)
@@ -306,16 +243,129 @@ class Trainer:
             if progress is not None:
                 progress.close()
             writer.close()
-            verifier.close()
-            for group in (rollout, learners):
+            self.verifier.close()
+            for group in (self.rollout, self.learners):
                 if group is not None:
                     group.shutdown()
             if placement is not None:
                 placement.remove()
             if started_ray:
                 ray.shutdown()
-        return RunResult(run_dir=run_dir, steps=cfg.trainer.total_steps, last_metrics=last,
-                         evaluations=evaluations)
+        return RunResult(run_dir=self.run_dir, steps=cfg.trainer.total_steps, last_metrics=last,
+                         evaluations=self.evaluations)
+
+    # --- phases of a run -----------------------------------------------------------
+
+    def _start_actors(self, placement) -> None:
+        from learner.group import LearnerGroup
+        from rollout.group import RolloutGroup
+        from rollout.weight_sync import make_weight_sync
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        log.info("placement groups: %s", placement.describe())
+        self.rollout = RolloutGroup(cfg.rollout.num_workers, self.model_path, cfg.model, cfg.rollout,
+                                    seed=cfg.trainer.seed, placement=placement.rollout)
+        self.learners = LearnerGroup(
+            self.model_path, cfg.model, cfg.learner, cfg.algorithm,
+            temperature=cfg.rollout.temperature,
+            sequences_per_step=cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt,
+            seed=cfg.trainer.seed, placement=placement.learner)
+        self.sync = make_weight_sync(weight_transport(cfg), self.learners, self.rollout,
+                                     timeout_s=cfg.rollout.timeout_s)
+        self.version = 0
+        log.info("actors ready in %.1fs", time.perf_counter() - t0)
+
+    def _resume(self, resume_from: Path) -> int:
+        """Restore learners and sampler; returns the step the checkpoint was taken after."""
+        state = checkpoint.restore(resume_from, self.learners, self.sampler)
+        self.version = state.weight_version
+        # The rollout workers loaded model.path; they need the restored weights before
+        # they generate anything.
+        self.sync.push(self.version)
+        self.evaluations.extend(load_eval_results(self.run_dir / "eval.jsonl", up_to_step=state.step))
+        log.info("resumed from %s: step %d, weight version %d", resume_from, state.step, self.version)
+        return state.step
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.trainer.eval_every
+        return (every > 0 and step % every == 0) or (every >= 0 and step == self.cfg.trainer.total_steps)
+
+    def _evaluate(self, step: int) -> dict:
+        if not self.prompts.eval_records:
+            return {}
+        cfg = self.cfg.trainer
+        result = evaluate(self.rollout, self.verifier, self.prompts.eval_records,
+                          self.prompts.eval_ids, step=step, temperature=cfg.eval_temperature,
+                          samples=cfg.eval_samples, seed=cfg.seed)
+        self.evaluations.append(result)
+        with (self.run_dir / "eval.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(result.as_record(), sort_keys=True) + "\n")
+        log.info("eval at step %d: %s", step, _headline(result.metrics))
+        return result.metrics
+
+    def _train_step(self, step: int) -> dict:
+        """Rollout -> verify -> advantages -> update -> weight sync; returns the step's metrics."""
+        from learner import compute_advantages
+        from learner.batch import build_train_batch
+
+        cfg = self.cfg
+        step_start = time.perf_counter()
+        batch_records = self.sampler.next_batch()
+        roll = self.rollout.generate([self.prompts.ids_of[id(r)] for r in batch_records],
+                                     seed=cfg.trainer.seed * 100_003 + step)
+        samples = roll.samples
+
+        report = self.verifier.score_batch_detailed(
+            [s.response_text for s in samples], [batch_records[s.prompt_index].answer for s in samples])
+        rewards = apply_truncated_reward(report.scores, [s.finish_reason for s in samples],
+                                         cfg.verifier.truncated_reward)
+        advantages = compute_advantages(
+            cfg.algorithm.advantage, torch.tensor(rewards, dtype=torch.float32),
+            torch.tensor([s.prompt_index for s in samples]))
+        batch = build_train_batch(samples, advantages, self.tokenizer.pad_token_id)
+
+        update_start = time.perf_counter()
+        learner_results = self.learners.train_step(batch)
+        update_s = time.perf_counter() - update_start
+
+        self.version += 1
+        sync_report = self.sync.push(self.version)
+
+        metrics = summarize_rollout(samples, rewards, cfg.rollout.max_response_tokens)
+        metrics["data/prompt_ids_hash"] = prompt_ids_hash(batch_records)
+        metrics.update(report.metrics())
+        metrics.update(average_learner_metrics(learner_results))
+        num_tokens = sum(roll.tokens_per_worker)
+        staleness = [self.version - 1 - s.weight_version for s in samples]
+        metrics.update({
+            "timing/rollout_s": roll.seconds,
+            "timing/update_s": update_s,
+            "timing/weight_sync_s": sync_report.seconds,
+            "timing/step_s": time.perf_counter() - step_start,
+            "rollout/tokens_per_s": num_tokens / roll.seconds if roll.seconds else 0.0,
+            "rollout/requests_per_worker": roll.requests_per_worker,
+            "rollout/tokens_per_worker": roll.tokens_per_worker,
+            "rollout/staleness_max": max(staleness),
+            "weights/version": self.version,
+            "weights/sync_bytes": sync_report.num_bytes,
+            "perf/throughput": num_tokens / (time.perf_counter() - step_start),
+        })
+        if cfg.rollout.verify_weight_sync:
+            metrics["weights/rollout_checksums"] = self.rollout.weights_checksums()
+        return metrics
+
+    def _save_checkpoint(self, step: int) -> float:
+        """Saves a resumable checkpoint; returns the seconds it took."""
+        cfg = self.cfg
+        save_start = time.perf_counter()
+        saved = checkpoint.save(self.checkpoints_dir, checkpoint.TrainerState(
+            step=step, weight_version=self.version, sampler=self.sampler.state(),
+            num_prompts=len(self.prompts.records), learner_world_size=cfg.learner.num_workers,
+            zero_stage=cfg.learner.zero_stage, seed=cfg.trainer.seed, model_path=self.model_path),
+            self.learners, cfg.trainer.keep_last)
+        log.info("checkpoint saved: %s", saved)
+        return time.perf_counter() - save_start
 
 
 def _headline(metrics: dict) -> str:

@@ -78,7 +78,8 @@ def run_evaluation(cfg: LpregConfig, output: str | Path | None = None) -> tuple[
                           "problems to evaluate on (or neither data path, for the synthetic set)")
     _, records = load_prompts(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    records, prompt_ids, dropped = tokenize_prompts(tokenizer, records, cfg.data.max_prompt_tokens)
+    records, prompt_ids, dropped = tokenize_prompts(tokenizer, records, cfg.data.max_prompt_tokens,
+                                                    cfg.data.chat_template)
     if dropped:
         log.warning("skipped %d prompts longer than data.max_prompt_tokens=%d", dropped,
                     cfg.data.max_prompt_tokens)

@@ -59,3 +59,18 @@ def test_print_config_shows_the_resolved_value():
 def test_bad_placement_strategy_is_caught_when_the_config_loads():
     with pytest.raises(ConfigError, match="ray.placement_strategy"):
         load_config(overrides=["ray.placement_strategy=EVERYWHERE"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.tiny.warm_start_target_accuracy=1.5", "model.tiny.warm_start_target_accuracy"),
+    ("model.tiny.warm_start_warmup_steps=-1", "model.tiny.warm_start_warmup_steps"),
+    ("model.tiny.warm_start_probe_problems=0", "model.tiny.warm_start_probe_problems"),
+])
+def test_bad_warm_start_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_no_warm_start_skips_its_other_checks():
+    cfg = load_config(None, ["model.tiny.warm_start_steps=0", "model.tiny.warm_start_lr=0"])
+    assert cfg.model.tiny.warm_start_steps == 0

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conf.schema import SyntheticTaskConfig
-from launch.data import DataError, PromptSampler, load_prompts_file, synthetic_problems
+from launch.data import DataError, PromptRecord, PromptSampler, load_prompts_file, synthetic_problems
 
 
 def test_synthetic_sums_are_reproducible_and_correct():
@@ -134,3 +134,40 @@ def test_truncated_responses_get_the_truncated_reward():
     assert apply_truncated_reward(scores, reasons, 0.0) == [1.0, 0.0, 0.0]
     assert apply_truncated_reward(scores, reasons, -1.0) == [1.0, -1.0, -1.0]
     assert apply_truncated_reward(scores, reasons, None) == scores
+
+
+def _tokenizer_with_template():
+    from launch.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                               "{% if add_generation_prompt %}A:{% endif %}")
+    return tokenizer
+
+
+@pytest.mark.parametrize("mode, expected", [("auto", "<user>1+1=A:"), ("always", "<user>1+1=A:"),
+                                            ("never", "1+1=")])
+def test_plain_prompts_follow_the_chat_template_mode(mode, expected):
+    from launch.driver import prompt_token_ids
+
+    tokenizer = _tokenizer_with_template()
+    record = PromptRecord(prompt="1+1=", answer="2", id="p0")
+    assert tokenizer.decode(prompt_token_ids(tokenizer, record, mode)) == expected
+
+
+def test_plain_prompts_stay_plain_without_a_template_unless_it_is_required():
+    from launch.driver import prompt_token_ids
+    from launch.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    record = PromptRecord(prompt="1+1=", answer="2", id="p0")
+    assert tokenizer.decode(prompt_token_ids(tokenizer, record, "auto")) == "1+1="
+    with pytest.raises(DataError, match=r"prompt 'p0' needs it \(data.chat_template=always\)"):
+        prompt_token_ids(tokenizer, record, "always")
+
+
+def test_unknown_chat_template_mode_names_the_key():
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.chat_template"):
+        load_config(None, ["data.chat_template=sometimes"])

@@ -79,7 +79,7 @@ def extra_loss_kwargs(algo: AlgorithmConfig) -> dict:
     """Parameters of the baseline losses that only some losses read."""
     names = ("kl_cov_ratio", "kl_cov_coef", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub",
              "entropy_top_frac", "loss_scale_factor")
-    return {name: getattr(algo, name) for name in names if hasattr(algo, name)}
+    return {name: getattr(algo, name) for name in names}
 
 
 def mismatch_metrics(learner_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,

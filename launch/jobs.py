@@ -125,16 +125,25 @@ def _read_token(path: Path) -> str | None:
         return None
 
 
+def _where_to_put_the_token(lookup: TokenLookup) -> str:
+    return (f"lpreg looked at: {'; '.join(lookup.searched)}. Put the cluster's token (print it "
+            f"on the head with `ray get-auth-token`) in RAY_AUTH_TOKEN, or in a file named by "
+            f"RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token")
+
+
+def missing_token_message(address: str, lookup: TokenLookup) -> str:
+    """Ray's client refused to send a request at all: auth is on here and there is no token."""
+    return (f"token authentication is on for this client (RAY_AUTH_MODE=token), but lpreg "
+            f"found no token to send to {address}. {_where_to_put_the_token(lookup)}")
+
+
 def auth_error_message(status: int, address: str, lookup: TokenLookup) -> str:
     """What to say when the job server refuses lpreg (401: no token, 403: wrong token)."""
     answer = {401: "401 Unauthorized", 403: "403 Forbidden"}.get(status, str(status))
     if lookup.token is None:
         return (
             f"the Ray job server at {address} answered {answer}: the cluster uses token "
-            f"authentication and lpreg found no token to send. lpreg looked at: "
-            f"{'; '.join(lookup.searched)}. Put the cluster's token (print it on the head "
-            f"with `ray get-auth-token`) in RAY_AUTH_TOKEN, or in a file named by "
-            f"RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token")
+            f"authentication and lpreg found no token to send. {_where_to_put_the_token(lookup)}")
     return (
         f"the Ray job server at {address} answered {answer}: it rejected the token lpreg "
         f"sent, taken from {lookup.source}. That token belongs to another cluster or is out "
@@ -259,6 +268,9 @@ class JobServer:
         status = _http_status(err)
         if status in (401, 403):
             return auth_error_message(status, self.address, self.lookup)
+        if type(err).__name__ == "AuthenticationError":
+            # Raised by the client itself, before any request: no server said anything.
+            return missing_token_message(self.address, self.lookup)
         text = str(err)
         if isinstance(err, ConnectionError | requests.exceptions.ConnectionError) or (
                 "Failed to connect" in text):
@@ -321,10 +333,13 @@ def _http_status(err: BaseException) -> int | None:
         if isinstance(status, int):
             return status
     text = str(err)
-    # Ray's client raises AuthenticationError("Authentication required: ...") for a
-    # 401 and ("Authentication failed: ...") for a 403.
+    # Ray's client raises AuthenticationError("Authentication required: ...") for a 401
+    # and ("Authentication failed: ...") for a 403. Any other AuthenticationError comes
+    # from the client before it sent anything (auth is on and it has no token).
     if type(err).__name__ == "AuthenticationError":
-        return 403 if text.startswith("Authentication failed") else 401
+        if text.startswith("Authentication failed"):
+            return 403
+        return 401 if text.startswith("Authentication required") else None
     for code in (401, 403):
         if f"status code {code}" in text or f"{code} Unauthorized" in text or f"{code} Forbidden" in text:
             return code

@@ -8,7 +8,11 @@ through Ray's real client.
 from __future__ import annotations
 
 import http.server
+import os
 import shlex
+import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -152,6 +156,15 @@ class _RefusingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def _cli_in_fresh_process(args: list[str], env_home: Path, **env) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it: Ray keeps its auth mode process-wide once any Ray has
+    started in a process, so an in-process call would inherit earlier tests' state."""
+    environ = {k: v for k, v in os.environ.items() if k not in TOKEN_ENV}
+    environ.update(HOME=str(env_home), **env)
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True,
+                          text=True, env=environ, timeout=120)
+
+
 @pytest.fixture
 def refusing_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingHandler)
@@ -162,12 +175,11 @@ def refusing_server():
     server.server_close()
 
 
-def test_401_from_a_real_server_is_one_clear_line(clean_env, refusing_server, capsys):
-    code = cli.main(["status", "raysubmit_x", "--address", refusing_server])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert "Traceback" not in err
-    line = next(ln for ln in err.splitlines() if ln.startswith("lpreg: error:"))
+def test_401_from_a_real_server_is_one_clear_line(clean_env, refusing_server):
+    proc = _cli_in_fresh_process(["status", "raysubmit_x", "--address", refusing_server], clean_env)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("lpreg: error:"))
     assert "401 Unauthorized" in line and "found no token" in line
     assert str(clean_env / ".ray" / "auth_token") in line
 
@@ -180,18 +192,30 @@ def test_403_from_a_real_server_names_the_token_source(clean_env, refusing_serve
     assert "403 Forbidden" in err and "taken from RAY_AUTH_TOKEN" in err
 
 
-def test_unreachable_server_is_one_clear_line(clean_env, capsys):
-    import socket
-
-    # A bound socket that never listens refuses every connection, and holding it for the
-    # whole call keeps another process (a Ray agent of an earlier test, say) from taking
-    # the port in between and answering for it.
+@pytest.fixture
+def refused_address():
+    """A bound socket that never listens refuses every connection; holding it keeps any
+    other process from taking the port meanwhile."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        code = cli.main(["logs", "raysubmit_x", "--address", f"127.0.0.1:{port}"])
-    err = capsys.readouterr().err
-    assert code == 1 and "cannot reach a Ray job server" in err and "Traceback" not in err
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_unreachable_server_is_one_clear_line(clean_env, refused_address):
+    proc = _cli_in_fresh_process(["logs", "raysubmit_x", "--address", refused_address], clean_env)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot reach a Ray job server" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_auth_on_without_a_token_is_not_reported_as_a_server_answer(clean_env, refused_address):
+    # With RAY_AUTH_MODE=token and no token, Ray's client refuses before sending anything.
+    proc = _cli_in_fresh_process(["status", "raysubmit_x", "--address", refused_address],
+                                 clean_env, RAY_AUTH_MODE="token")
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("lpreg: error:"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "found no token" in line and "RAY_AUTH_MODE=token" in line
+    assert "answered" not in line
+    assert str(clean_env / ".ray" / "auth_token") in line
 
 
 # --- what submit sends ------------------------------------------------------------

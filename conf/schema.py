@@ -50,6 +50,7 @@ class SyntheticTaskConfig:
     """Generated problems with verifiable answers; the operand range is the difficulty knob."""
 
     # "sum": a+b(+c...)=   "linear": solve a*x+b=c for the integer x
+    # "fraction": a/b+c/d(+...)= in lowest terms
     kind: str = "sum"
     num_operands: int = 2
     min_operand: int = 10

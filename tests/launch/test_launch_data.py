@@ -171,3 +171,38 @@ def test_unknown_chat_template_mode_names_the_key():
 
     with pytest.raises(ConfigError, match="data.chat_template"):
         load_config(None, ["data.chat_template=sometimes"])
+
+
+def test_fraction_problems_are_exact_and_in_lowest_terms():
+    from fractions import Fraction
+
+    task = SyntheticTaskConfig(kind="fraction", num_operands=3, min_operand=1, max_operand=20)
+    records = synthetic_problems(task, 200, seed=3)
+    assert records == synthetic_problems(task, 200, seed=3)
+    for record in records:
+        terms = [Fraction(term) for term in record.prompt.removesuffix("=").split("+")]
+        assert len(terms) == 3 and Fraction(record.answer) == sum(terms)
+        assert str(sum(terms)) == record.answer  # lowest terms, and "p" when whole
+    assert any("/" not in r.answer for r in records) and any("/" in r.answer for r in records)
+
+
+def test_fraction_answers_verify_in_latex_form():
+    from verifier import MathVerifier
+
+    task = SyntheticTaskConfig(kind="fraction", min_operand=1, max_operand=9)
+    record = next(r for r in synthetic_problems(task, 50, seed=0) if "/" in r.answer)
+    p, q = record.answer.split("/")
+    with MathVerifier(num_workers=1) as verifier:
+        scores = verifier.score_batch([f"\\boxed{{\\frac{{{p}}}{{{q}}}}}", f"\\boxed{{{p}}}"],
+                                      [record.answer] * 2)
+    assert scores == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("override, key", [("data.synthetic.kind=matrix", "data.synthetic.kind"),
+                                           ("data.synthetic.min_operand=100",
+                                            "data.synthetic.min_operand")])
+def test_bad_synthetic_task_names_the_key_when_the_config_loads(override, key):
+    from launch.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])

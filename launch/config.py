@@ -108,14 +108,12 @@ def validate(cfg: LpregConfig) -> None:
     positive("algorithm.mini_batches_per_step", cfg.algorithm.mini_batches_per_step)
     positive("algorithm.epochs_per_step", cfg.algorithm.epochs_per_step)
     positive("trainer.total_steps", cfg.trainer.total_steps)
-    from launch.data import SYNTHETIC_KINDS
+    from launch.data import DataError, synthetic_problems
 
-    if cfg.data.synthetic.kind not in SYNTHETIC_KINDS:
-        raise ConfigError(f"config key 'data.synthetic.kind' must be one of "
-                          f"{', '.join(SYNTHETIC_KINDS)}, got {cfg.data.synthetic.kind!r}")
-    if cfg.data.synthetic.min_operand > cfg.data.synthetic.max_operand:
-        raise ConfigError(f"config key 'data.synthetic.min_operand' ({cfg.data.synthetic.min_operand}) "
-                          f"exceeds data.synthetic.max_operand ({cfg.data.synthetic.max_operand})")
+    try:  # the generator is the one judge of its settings; ask it now, not mid-run
+        synthetic_problems(cfg.data.synthetic, 1, seed=cfg.data.synthetic.seed)
+    except DataError as err:
+        raise ConfigError(f"config key 'data.synthetic': {err}") from None
     if cfg.data.chat_template not in CHAT_TEMPLATE_MODES:
         raise ConfigError(f"config key 'data.chat_template' must be one of "
                           f"{', '.join(CHAT_TEMPLATE_MODES)}, got {cfg.data.chat_template!r}")

@@ -1,8 +1,11 @@
 """Policy losses: PPO-clip (GRPO, Clip-Higher), Lp-Reg, GSPO, KL-Cov, Clip-Cov, 80/20.
 
 All tensors are ``(batch, length)`` and token-level; ``response_mask`` marks the response
-tokens that count. Every loss builds a per-token loss matrix and aggregates it with
-``aggregate_loss``; an entropy bonus can be added to any of them.
+tokens that count. ``POLICY_LOSSES`` maps each name (``algorithm.loss``) to a function
+``(LossInputs, AlgorithmConfig) -> PolicyTerms`` that reads its hyper-parameters from the
+algorithm section and builds a per-token loss matrix; ``policy_loss`` is the one entry point:
+it cleans the padding, calls the loss, aggregates with ``aggregate_loss`` and adds the
+entropy bonus, which combines with any of them.
 
 Lp-Reg (Huang et al., 2025). Among valid tokens with negative advantage, take the
 ``k = floor(neg_frac * N_neg)`` tokens with the lowest current log-prob (only when k >= 2),
@@ -20,23 +23,33 @@ letting negative advantages drive them to zero; its gradient flows through ``log
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
+from conf.schema import AlgorithmConfig
 from learner.proxy import FILTERED_LOG_PROB
 
 __all__ = [
     "AGG_MODES",
     "KL_TYPES",
     "POLICY_LOSSES",
+    "LossInputs",
+    "PolicyTerms",
     "aggregate_loss",
+    "clip_cov_loss",
+    "entropy_8020_loss",
+    "gspo_loss",
+    "kl_cov_loss",
     "kl_penalty",
+    "lp_reg_loss",
     "masked_mean",
     "policy_loss",
+    "ppo_clip_loss",
 ]
 
-POLICY_LOSSES = ("ppo_clip", "lp_reg", "gspo", "kl_cov", "clip_cov", "entropy_8020")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3")
 
@@ -160,185 +173,233 @@ def _centred_cov(advantages: Tensor, log_prob: Tensor, valid: Tensor) -> Tensor:
     return (advantages - masked_mean(advantages, valid)) * (lp - masked_mean(lp, valid))
 
 
+@dataclass
+class LossInputs:
+    """Per-token inputs of a policy loss for one micro-batch, all ``(B, L)``.
+
+    ``policy_loss`` hands each loss a copy in which padding has been zeroed, the detached
+    inputs are detached and everything is in ``log_prob``'s dtype.
+    """
+
+    log_prob: Tensor  # current log-probs of the sampled tokens, with grad
+    old_log_prob: Tensor  # under the sampling policy (pi_old)
+    advantages: Tensor  # token-level advantages
+    response_mask: Tensor  # 1/True on tokens that count
+    # Min-p proxy log-probs (required by lp_reg); -inf or <= -1e3 marks a filtered token.
+    proxy_log_prob: Tensor | None = None
+    entropy: Tensor | None = None  # token entropy, with grad for the bonus; needed by entropy_8020
+    generator: torch.Generator | None = None  # Clip-Cov's random choice (CPU generator)
+
+    @property
+    def valid(self) -> Tensor:
+        return self.response_mask.bool()
+
+    @property
+    def log_ratio(self) -> Tensor:
+        return self.log_prob - self.old_log_prob
+
+
+@dataclass
+class PolicyTerms:
+    """What one loss contributes before aggregation."""
+
+    pg_losses: Tensor  # (B, L) per-token loss
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    # Tokens that enter the aggregation; None: every valid token.
+    loss_mask: Tensor | None = None
+    # Aggregation forced by the loss's definition; None: algorithm.loss_agg_mode.
+    agg_mode: str | None = None
+    # Multiplies global_num_tokens: the share of tokens this loss trains on.
+    token_fraction: float = 1.0
+
+
+def ppo_clip_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
+    """GRPO's clipped surrogate; Clip-Higher through ``clip_ratio_high``."""
+    pg_losses, clipped = _clipped_surrogate(
+        x.advantages, torch.exp(x.log_ratio), algo.clip_ratio_low, algo.clip_ratio_high)
+    return PolicyTerms(pg_losses, {"actor/pg_clipfrac": masked_mean(clipped, x.valid)})
+
+
+def lp_reg_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
+    """Lp-Reg: PPO-clip, except that selected low-probability tokens get -A r + beta KL(proxy || pi)."""
+    if x.proxy_log_prob is None:
+        raise ValueError("lp_reg needs proxy_log_prob")
+    valid, log_prob, advantages = x.valid, x.log_prob, x.advantages
+    ratio = torch.exp(x.log_ratio)
+    pg_losses, clipped = _clipped_surrogate(advantages, ratio, algo.clip_ratio_low, algo.clip_ratio_high)
+    proxy = x.proxy_log_prob
+    # Step 2: the lowest-probability fraction of each advantage sign ...
+    selected = _lowest_frac(log_prob, valid & (advantages < 0), algo.lp_reg_neg_frac)
+    selected |= _lowest_frac(log_prob, valid & (advantages > 0), algo.lp_reg_pos_frac)
+    # ... that the proxy says are more likely than the policy thinks (never filtered tokens).
+    regularized = selected & (log_prob.detach() < proxy)
+    # Step 3: unclipped surrogate + KL to the proxy. Elsewhere the proxy is replaced by
+    # log_prob so that -inf never enters the graph.
+    safe_proxy = torch.where(regularized, proxy, log_prob.detach())
+    proxy_kl = kl_penalty(log_prob, safe_proxy, algo.kl_type)
+    pg_losses = torch.where(regularized, -advantages * ratio + algo.lp_reg_coef * proxy_kl, pg_losses)
+    zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
+    return PolicyTerms(pg_losses, {
+        "actor/pg_clipfrac": masked_mean(clipped, valid),
+        "lp_reg/selected_frac": masked_mean(selected, valid),
+        "lp_reg/regularized_frac": masked_mean(regularized, valid),
+        "lp_reg/proxy_kl": (torch.where(regularized, proxy_kl.detach(), zero).sum()
+                            / regularized.sum().clamp(min=1)),
+    })
+
+
+def gspo_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
+    """GSPO (Zheng et al., 2025): one length-normalised ratio per sequence, s_i = exp(mean_t log r_t).
+
+    Written per token as sg[log s_i] + log_prob - sg[log_prob] so each token keeps its gradient.
+    GSPO always aggregates "seq-mean-token-mean", the sequence-level objective that defines it.
+    """
+    valid, log_prob = x.valid, x.log_prob
+    seq_log_ratio = (x.log_ratio * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+    log_seq_ratio = log_prob - log_prob.detach() + seq_log_ratio.detach()[:, None]
+    seq_ratio = torch.exp(log_seq_ratio.clamp(max=10.0))
+    pg_losses, clipped = _clipped_surrogate(
+        x.advantages, seq_ratio, algo.clip_ratio_low, algo.clip_ratio_high)
+    return PolicyTerms(pg_losses, {"actor/pg_clipfrac": masked_mean(clipped, valid)},
+                       agg_mode="seq-mean-token-mean")
+
+
+def kl_cov_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
+    """KL-Cov (Cui et al., 2025): no clipping; the tokens whose (A, log p) covariance is largest
+    pay ``kl_cov_coef * |log r|``, which holds back the updates that collapse entropy fastest."""
+    valid, log_ratio = x.valid, x.log_ratio
+    zero = torch.zeros((), dtype=x.log_prob.dtype, device=x.log_prob.device)
+    pg_losses = -x.advantages * torch.exp(log_ratio)
+    num_valid = int(valid.sum().item())
+    k = max(1, int(num_valid * algo.kl_cov_ratio)) if num_valid > 0 and algo.kl_cov_ratio > 0 else 0
+    penalised = _highest_count(_centred_cov(x.advantages, x.log_prob, valid), valid, k)
+    pg_losses = pg_losses + torch.where(penalised, algo.kl_cov_coef * log_ratio.abs(), zero)
+    return PolicyTerms(pg_losses, {"actor/pg_clipfrac": zero.clone(),
+                                   "kl_cov/penalised_frac": masked_mean(penalised, valid)})
+
+
+def clip_cov_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
+    """Clip-Cov (Cui et al., 2025): up to ``max(1, floor(ratio * N))`` random tokens with covariance
+    in (lb, ub), not already clipped by PPO, lose their gradient altogether; ratio 0 turns it off."""
+    valid = x.valid
+    pg_losses, clipped = _clipped_surrogate(
+        x.advantages, torch.exp(x.log_ratio), algo.clip_ratio_low, algo.clip_ratio_high)
+    num_valid = int(valid.sum().item())
+    cov = _centred_cov(x.advantages, x.log_prob, valid)
+    candidates = valid & ~clipped & (cov > algo.clip_cov_lb) & (cov < algo.clip_cov_ub)
+    candidate_idx = candidates.reshape(-1).nonzero().squeeze(-1)
+    num_detach = max(int(algo.clip_cov_ratio * num_valid), 1) if algo.clip_cov_ratio > 0 else 0
+    num_detach = min(num_detach, candidate_idx.numel())
+    perm = torch.randperm(candidate_idx.numel(), generator=x.generator)[:num_detach].to(valid.device)
+    detached = _no_tokens(valid)
+    detached.view(-1)[candidate_idx[perm]] = True
+    pg_losses = torch.where(detached, torch.zeros((), dtype=pg_losses.dtype, device=pg_losses.device),
+                            pg_losses)
+    # Reported as the clip fraction, as the reference does.
+    return PolicyTerms(pg_losses, {"actor/pg_clipfrac": masked_mean(detached, valid)})
+
+
+def entropy_8020_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
+    """80/20 (Wang et al., 2025): only the ``max(1, floor(frac * N))`` highest-entropy tokens
+    ("forking tokens") train. The token denominator becomes ``entropy_top_frac *
+    global_num_tokens`` (exact up to the per-call rounding of the top-k size)."""
+    if x.entropy is None:
+        raise ValueError("entropy_8020 needs entropy")
+    valid = x.valid
+    pg_losses, clipped = _clipped_surrogate(
+        x.advantages, torch.exp(x.log_ratio), algo.clip_ratio_low, algo.clip_ratio_high)
+    num_valid = int(valid.sum().item())
+    k = max(1, int(num_valid * algo.entropy_top_frac)) if num_valid > 0 else 0
+    trained = _highest_count(x.entropy, valid, k)
+    return PolicyTerms(pg_losses, {"actor/pg_clipfrac": masked_mean(clipped, trained),
+                                   "entropy_8020/trained_frac": masked_mean(trained, valid)},
+                       loss_mask=trained, token_fraction=algo.entropy_top_frac)
+
+
+POLICY_LOSSES: dict[str, Callable[[LossInputs, AlgorithmConfig], PolicyTerms]] = {
+    "ppo_clip": ppo_clip_loss,
+    "lp_reg": lp_reg_loss,
+    "gspo": gspo_loss,
+    "kl_cov": kl_cov_loss,
+    "clip_cov": clip_cov_loss,
+    "entropy_8020": entropy_8020_loss,
+}
+
+
 def policy_loss(
     name: str,
-    log_prob: Tensor,
-    old_log_prob: Tensor,
-    advantages: Tensor,
-    response_mask: Tensor,
+    inputs: LossInputs,
+    algo: AlgorithmConfig,
     *,
-    proxy_log_prob: Tensor | None = None,
-    clip_ratio_low: float = 0.2,
-    clip_ratio_high: float = 0.28,
-    lp_reg_neg_frac: float = 0.01,
-    lp_reg_pos_frac: float = 0.0,
-    lp_reg_coef: float = 1.0,
-    kl_type: str = "low_var_kl",
-    loss_agg_mode: str = "token-mean",
-    entropy: Tensor | None = None,
-    entropy_coef: float = 0.0,
-    kl_cov_ratio: float = 0.002,
-    kl_cov_coef: float = 1.0,
-    clip_cov_ratio: float = 0.0002,
-    clip_cov_lb: float = 1.0,
-    clip_cov_ub: float = 5.0,
-    entropy_top_frac: float = 0.2,
     global_num_tokens: float | Tensor | None = None,
     global_num_seqs: float | Tensor | None = None,
-    loss_scale_factor: float | None = None,
-    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The policy loss ``name`` and its metrics, for one micro-batch.
+    """The policy loss ``name`` (a key of ``POLICY_LOSSES``) and its metrics, for one micro-batch.
 
-    Args:
-        name: "ppo_clip" (GRPO; Clip-Higher through ``clip_ratio_high``), "lp_reg", "gspo",
-            "kl_cov", "clip_cov" or "entropy_8020".
-        log_prob: ``(B, L)`` current log-probs of the sampled tokens, with grad.
-        old_log_prob: ``(B, L)`` log-probs under the sampling policy (detached here).
-        advantages: ``(B, L)`` token-level advantages.
-        response_mask: ``(B, L)`` 1/True for tokens that count.
-        proxy_log_prob: ``(B, L)`` min-p proxy log-probs (required by lp_reg); -inf or
-            <= -1e3 marks a filtered token.
-        clip_ratio_low, clip_ratio_high: PPO clip range ``[1 - low, 1 + high]``.
-        lp_reg_neg_frac, lp_reg_pos_frac: rho for A < 0 and A > 0 (0 disables a side).
-        lp_reg_coef: beta, the weight of the proxy KL.
-        kl_type: estimator of the Lp-Reg KL, see ``kl_penalty``.
-        loss_agg_mode: see ``aggregate_loss``. GSPO always uses "seq-mean-token-mean", the
-            sequence-level objective that defines it (as the reference does).
-        entropy: ``(B, L)`` token entropy (with grad for the bonus); needed by entropy_8020.
-        entropy_coef: entropy bonus weight; the loss becomes ``pg_loss - coef * agg(entropy)``.
-        kl_cov_ratio, kl_cov_coef: KL-Cov's fraction of valid tokens (top covariance) that get
-            ``kl_cov_coef * |log_prob - old_log_prob|``; its surrogate is unclipped.
-        clip_cov_ratio, clip_cov_lb, clip_cov_ub: Clip-Cov detaches up to
-            ``max(1, floor(ratio * N))`` random unclipped tokens with covariance in (lb, ub);
-            ratio 0 turns it off.
-        entropy_top_frac: 80/20 trains only on the ``max(1, floor(frac * N))`` highest-entropy tokens.
-        global_num_tokens, global_num_seqs, loss_scale_factor: see ``aggregate_loss``. For
-            entropy_8020 the token denominator becomes ``entropy_top_frac * global_num_tokens``
-            (exact up to the per-call rounding of the top-k size).
-        generator: random source for Clip-Cov's choice (CPU generator).
+    Hyper-parameters come from ``algo``: the clip range, Lp-Reg's rho/beta/KL estimator, the
+    baselines' knobs, ``loss_agg_mode`` (see ``aggregate_loss``; ``loss_scale_factor`` for the
+    Dr.GRPO mode) and ``entropy_coef``, the weight of the entropy bonus: the loss becomes
+    ``pg_loss - coef * agg(entropy)``.
+
+    ``global_num_tokens`` / ``global_num_seqs``: totals over all micro-batches and ranks (see
+    ``aggregate_loss``), so that the per-call losses add up to the loss of the whole batch.
 
     Selections (Lp-Reg's percentile, KL-Cov, Clip-Cov, 80/20) run over the valid tokens of
     this call. Returns ``(loss, metrics)``; metrics are detached 0-d tensors (call
     ``float()`` to log them), computed over this call's valid tokens.
     """
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {name!r}; choose from {POLICY_LOSSES}")
-    valid = response_mask.bool()
+    try:
+        loss_fn = POLICY_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy loss {name!r}; choose from {tuple(POLICY_LOSSES)}") from None
+    valid = inputs.response_mask.bool()
+    log_prob = inputs.log_prob
     dtype, device = log_prob.dtype, log_prob.device
     zero = torch.zeros((), dtype=dtype, device=device)
-    # Padding may hold anything (inf, NaN): keep it out of every value and gradient.
-    log_prob = torch.where(valid, log_prob, zero)
-    old_log_prob = torch.where(valid, old_log_prob.detach().to(dtype), zero)
-    advantages = torch.where(valid, advantages.detach().to(dtype), zero)
-    if entropy is not None:
-        entropy = torch.where(valid, entropy.to(dtype), zero)
 
-    log_ratio = log_prob - old_log_prob
-    ratio = torch.exp(log_ratio)
-    loss_mask, num_tokens, pg_agg_mode = valid, global_num_tokens, loss_agg_mode
-    metrics: dict[str, Tensor] = {}
+    def clean(value: Tensor | None) -> Tensor | None:
+        # Padding may hold anything (inf, NaN): keep it out of every value and gradient.
+        return None if value is None else torch.where(valid, value.to(dtype), zero)
 
-    if name in ("ppo_clip", "lp_reg"):
-        pg_losses, clipped = _clipped_surrogate(advantages, ratio, clip_ratio_low, clip_ratio_high)
-        metrics["actor/pg_clipfrac"] = masked_mean(clipped, valid)
-        if name == "lp_reg":
-            if proxy_log_prob is None:
-                raise ValueError("lp_reg needs proxy_log_prob")
-            proxy = proxy_log_prob.detach().to(dtype)
-            # Step 2: the lowest-probability fraction of each advantage sign ...
-            selected = _lowest_frac(log_prob, valid & (advantages < 0), lp_reg_neg_frac)
-            selected |= _lowest_frac(log_prob, valid & (advantages > 0), lp_reg_pos_frac)
-            # ... that the proxy says are more likely than the policy thinks (never filtered tokens).
-            regularized = selected & (log_prob.detach() < proxy)
-            # Step 3: unclipped surrogate + KL to the proxy. Elsewhere the proxy is replaced by
-            # log_prob so that -inf never enters the graph.
-            safe_proxy = torch.where(regularized, proxy, log_prob.detach())
-            proxy_kl = kl_penalty(log_prob, safe_proxy, kl_type)
-            pg_losses = torch.where(regularized, -advantages * ratio + lp_reg_coef * proxy_kl, pg_losses)
-            num_regularized = regularized.sum()
-            metrics["lp_reg/selected_frac"] = masked_mean(selected, valid)
-            metrics["lp_reg/regularized_frac"] = masked_mean(regularized, valid)
-            metrics["lp_reg/proxy_kl"] = (
-                torch.where(regularized, proxy_kl.detach(), zero).sum() / num_regularized.clamp(min=1)
-            )
-
-    elif name == "gspo":
-        # Zheng et al., 2025: one length-normalised ratio per sequence, s_i = exp(mean_t log r_t),
-        # written per token as sg[log s_i] + log_prob - sg[log_prob] so each token keeps its gradient.
-        seq_log_ratio = (log_ratio * valid).sum(-1) / valid.sum(-1).clamp(min=1)
-        log_seq_ratio = log_prob - log_prob.detach() + seq_log_ratio.detach()[:, None]
-        seq_ratio = torch.exp(log_seq_ratio.clamp(max=10.0))
-        pg_losses, clipped = _clipped_surrogate(advantages, seq_ratio, clip_ratio_low, clip_ratio_high)
-        metrics["actor/pg_clipfrac"] = masked_mean(clipped, valid)
-        pg_agg_mode = "seq-mean-token-mean"
-
-    elif name == "kl_cov":
-        # Cui et al., 2025: no clipping; the tokens whose (A, log p) covariance is largest pay
-        # |log r|, which holds back the updates that collapse entropy fastest.
-        pg_losses = -advantages * ratio
-        num_valid = int(valid.sum().item())
-        k = max(1, int(num_valid * kl_cov_ratio)) if num_valid > 0 and kl_cov_ratio > 0 else 0
-        penalised = _highest_count(_centred_cov(advantages, log_prob, valid), valid, k)
-        pg_losses = pg_losses + torch.where(penalised, kl_cov_coef * log_ratio.abs(), zero)
-        metrics["actor/pg_clipfrac"] = zero.clone()
-        metrics["kl_cov/penalised_frac"] = masked_mean(penalised, valid)
-
-    elif name == "clip_cov":
-        # Cui et al., 2025: a few random tokens with covariance in (lb, ub), not already clipped
-        # by PPO, lose their gradient altogether.
-        pg_losses, clipped = _clipped_surrogate(advantages, ratio, clip_ratio_low, clip_ratio_high)
-        num_valid = int(valid.sum().item())
-        cov = _centred_cov(advantages, log_prob, valid)
-        candidates = valid & ~clipped & (cov > clip_cov_lb) & (cov < clip_cov_ub)
-        candidate_idx = candidates.reshape(-1).nonzero().squeeze(-1)
-        num_detach = max(int(clip_cov_ratio * num_valid), 1) if clip_cov_ratio > 0 else 0
-        num_detach = min(num_detach, candidate_idx.numel())
-        perm = torch.randperm(candidate_idx.numel(), generator=generator)[:num_detach].to(device)
-        detached = _no_tokens(valid)
-        detached.view(-1)[candidate_idx[perm]] = True
-        pg_losses = torch.where(detached, zero, pg_losses)
-        metrics["actor/pg_clipfrac"] = masked_mean(detached, valid)  # as the reference reports it
-
-    else:  # entropy_8020
-        # Wang et al., 2025: only the top 20% highest-entropy tokens ("forking tokens") train.
-        if entropy is None:
-            raise ValueError("entropy_8020 needs entropy")
-        pg_losses, clipped = _clipped_surrogate(advantages, ratio, clip_ratio_low, clip_ratio_high)
-        num_valid = int(valid.sum().item())
-        k = max(1, int(num_valid * entropy_top_frac)) if num_valid > 0 else 0
-        loss_mask = _highest_count(entropy, valid, k)
-        if global_num_tokens is not None:
-            num_tokens = global_num_tokens * entropy_top_frac
-        metrics["actor/pg_clipfrac"] = masked_mean(clipped, loss_mask)
-        metrics["entropy_8020/trained_frac"] = masked_mean(loss_mask, valid)
-
+    x = replace(
+        inputs,
+        log_prob=torch.where(valid, log_prob, zero),
+        old_log_prob=clean(inputs.old_log_prob.detach()),
+        advantages=clean(inputs.advantages.detach()),
+        entropy=clean(inputs.entropy),
+        proxy_log_prob=None if inputs.proxy_log_prob is None else inputs.proxy_log_prob.detach().to(dtype),
+    )
+    terms = loss_fn(x, algo)
+    num_tokens = global_num_tokens
+    if global_num_tokens is not None and terms.token_fraction != 1.0:
+        num_tokens = global_num_tokens * terms.token_fraction
     pg_loss = aggregate_loss(
-        pg_losses,
-        loss_mask,
-        pg_agg_mode,
+        terms.pg_losses,
+        valid if terms.loss_mask is None else terms.loss_mask,
+        terms.agg_mode or algo.loss_agg_mode,
         global_num_tokens=num_tokens,
         global_num_seqs=global_num_seqs,
-        loss_scale_factor=loss_scale_factor,
+        loss_scale_factor=algo.loss_scale_factor,
     )
     loss = pg_loss
-    if entropy is not None and entropy_coef != 0.0:
+    if x.entropy is not None and algo.entropy_coef != 0.0:
         entropy_loss = aggregate_loss(
-            entropy,
+            x.entropy,
             valid,
-            loss_agg_mode,
+            algo.loss_agg_mode,
             global_num_tokens=global_num_tokens,
             global_num_seqs=global_num_seqs,
-            loss_scale_factor=loss_scale_factor,
+            loss_scale_factor=algo.loss_scale_factor,
         )
-        loss = loss - entropy_coef * entropy_loss
+        loss = loss - algo.entropy_coef * entropy_loss
 
+    metrics = dict(terms.metrics)
     metrics["actor/pg_loss"] = pg_loss.detach()
-    metrics["actor/ppo_kl"] = masked_mean(-log_ratio.detach(), valid)
-    metrics["actor/low_prob_frac"] = masked_mean(log_prob.detach() < math.log(LOW_PROB), valid)
-    if entropy is not None:
-        metrics["actor/entropy"] = masked_mean(entropy.detach(), valid)
-    if proxy_log_prob is not None:
-        filtered = proxy_log_prob.detach() <= FILTERED_LOG_PROB
+    metrics["actor/ppo_kl"] = masked_mean(-x.log_ratio.detach(), valid)
+    metrics["actor/low_prob_frac"] = masked_mean(x.log_prob.detach() < math.log(LOW_PROB), valid)
+    if x.entropy is not None:
+        metrics["actor/entropy"] = masked_mean(x.entropy.detach(), valid)
+    if inputs.proxy_log_prob is not None:
+        filtered = inputs.proxy_log_prob.detach() <= FILTERED_LOG_PROB
         metrics["lp_reg/filtered_frac"] = masked_mean(filtered, valid).to(dtype)
     return loss, {k: v.detach() for k, v in metrics.items()}

@@ -60,28 +60,6 @@ def fill_old_log_probs(model: torch.nn.Module, batch: TrainBatch, algo: Algorith
     batch.proxy_log_probs = torch.cat(proxy) if proxy else None
 
 
-def policy_loss_kwargs(algo: AlgorithmConfig) -> dict:
-    """Loss hyper-parameters from the config, as keyword arguments of ``policy_loss``."""
-    return dict(
-        clip_ratio_low=algo.clip_ratio_low,
-        clip_ratio_high=algo.clip_ratio_high,
-        lp_reg_neg_frac=algo.lp_reg_neg_frac,
-        lp_reg_pos_frac=algo.lp_reg_pos_frac,
-        lp_reg_coef=algo.lp_reg_coef,
-        kl_type=algo.kl_type,
-        loss_agg_mode=algo.loss_agg_mode,
-        entropy_coef=algo.entropy_coef,
-        **extra_loss_kwargs(algo),
-    )
-
-
-def extra_loss_kwargs(algo: AlgorithmConfig) -> dict:
-    """Parameters of the baseline losses that only some losses read."""
-    names = ("kl_cov_ratio", "kl_cov_coef", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub",
-             "entropy_top_frac", "loss_scale_factor")
-    return {name: getattr(algo, name) for name in names}
-
-
 def mismatch_metrics(learner_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
                      mask: torch.Tensor) -> dict[str, float]:
     """How far the rollout engine's log-probs are from the learner's for the same tokens."""
@@ -110,7 +88,7 @@ def train_on_shard(
     Returns metrics averaged over micro-batches (and, for ``optimizer_step``'s
     metrics, over optimizer steps).
     """
-    from learner import policy_loss, token_stats
+    from learner import LossInputs, policy_loss, token_stats
 
     on_policy = is_on_policy(algo)
     if not on_policy:
@@ -125,7 +103,6 @@ def train_on_shard(
             sums[key] += float(value)
             counts[key] += 1
 
-    kwargs = policy_loss_kwargs(algo)
     for _ in range(algo.epochs_per_step):
         for mini, num_tokens, num_seqs in zip(shard.mini_batches, shard.global_num_tokens,
                                               shard.global_num_seqs, strict=True):
@@ -139,10 +116,10 @@ def train_on_shard(
                 old_log_prob = stats.log_prob.detach() if on_policy else micro.old_log_probs
                 proxy = stats.proxy_log_prob if on_policy else micro.proxy_log_probs
                 advantages = micro.advantages[:, None].expand_as(micro.response_mask)
-                loss, metrics = policy_loss(
-                    algo.loss, stats.log_prob, old_log_prob, advantages, micro.response_mask,
-                    proxy_log_prob=proxy, entropy=stats.entropy,
-                    global_num_tokens=num_tokens, global_num_seqs=num_seqs, **kwargs)
+                inputs = LossInputs(stats.log_prob, old_log_prob, advantages, micro.response_mask,
+                                    proxy_log_prob=proxy, entropy=stats.entropy)
+                loss, metrics = policy_loss(algo.loss, inputs, algo, global_num_tokens=num_tokens,
+                                            global_num_seqs=num_seqs)
                 # DeepSpeed averages gradients over ranks; the loss is already a share of
                 # the global mean, so undo the average.
                 backward(loss * world_size)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from learner import AGG_MODES, POLICY_LOSSES, aggregate_loss, kl_penalty, policy_loss
+from conf.schema import AlgorithmConfig
+from learner import AGG_MODES, POLICY_LOSSES, LossInputs, aggregate_loss, kl_penalty, policy_loss
 
 F64 = torch.float64
 E2 = math.exp(2.0)
@@ -22,6 +23,16 @@ def leaf(*rows):
 def grad_of(loss, x):
     (g,) = torch.autograd.grad(loss, x)
     return g
+
+
+def loss_of(name, log_prob, old, adv, mask, *, proxy_log_prob=None, entropy=None, generator=None,
+            global_num_tokens=None, global_num_seqs=None, **algo):
+    """``policy_loss`` with the per-token inputs spelled out and the hyper-parameters as
+    ``AlgorithmConfig`` fields (their schema defaults otherwise)."""
+    inputs = LossInputs(log_prob, old, adv, mask, proxy_log_prob=proxy_log_prob, entropy=entropy,
+                        generator=generator)
+    return policy_loss(name, inputs, AlgorithmConfig(**algo), global_num_tokens=global_num_tokens,
+                       global_num_seqs=global_num_seqs)
 
 
 def random_batch(seed=0, batch=6, length=40, off_policy=True):
@@ -112,14 +123,14 @@ def test_global_denominators_make_micro_batches_add_up(mode, name):
     kwargs = {"loss_agg_mode": mode, "loss_scale_factor": 64}
     if name == "entropy_bonus":
         name, kwargs = "ppo_clip", {**kwargs, "entropy": entropy, "entropy_coef": 0.3}
-    full, _ = policy_loss(name, log_prob, old, adv, mask, **kwargs)
+    full, _ = loss_of(name, log_prob, old, adv, mask, **kwargs)
     g_full = torch.autograd.grad(full, log_prob)[0]
     total = 0.0
     for rows in (slice(0, 2), slice(2, 6)):
         part_kwargs = dict(kwargs)
         if "entropy" in part_kwargs:
             part_kwargs["entropy"] = entropy[rows]
-        part, _ = policy_loss(
+        part, _ = loss_of(
             name, log_prob[rows], old[rows], adv[rows], mask[rows],
             global_num_tokens=mask.sum(), global_num_seqs=mask.shape[0], **part_kwargs,
         )
@@ -137,7 +148,7 @@ def test_ppo_clip_hand_case():
     old = t([-math.log(1.5), -math.log(0.5), -math.log(0.9), -math.log(1.5)])
     adv = t([1.0, -1.0, 1.0, -1.0])
     mask = torch.ones(1, 4)
-    loss, m = policy_loss("ppo_clip", log_prob, old, adv, mask, clip_ratio_low=0.2, clip_ratio_high=0.28)
+    loss, m = loss_of("ppo_clip", log_prob, old, adv, mask, clip_ratio_low=0.2, clip_ratio_high=0.28)
     assert loss.item() == pytest.approx((-1.28 + 0.8 - 0.9 + 1.5) / 4)
     torch.testing.assert_close(grad_of(loss, log_prob), t([0.0, 0.0, -0.9 / 4, 1.5 / 4]))
     assert m["actor/pg_clipfrac"].item() == pytest.approx(0.5)
@@ -153,7 +164,7 @@ def test_metrics_low_prob_entropy_filtered():
     mask = t([1.0, 1.0, 1.0, 0.0])
     proxy = t([-math.inf, 0.0, -2e3, 0.0])
     entropy = t([1.0, 2.0, 3.0, 100.0])
-    _, m = policy_loss(
+    _, m = loss_of(
         "ppo_clip", log_prob, log_prob.detach(), t([1.0, 1.0, 1.0, 1.0]), mask,
         proxy_log_prob=proxy, entropy=entropy,
     )
@@ -176,7 +187,7 @@ ADV = [-1.0, -1.0, -1.0, -1.0, 1.0]
 
 def lp_reg_hand(**kwargs):
     log_prob = leaf(LP)
-    loss, m = policy_loss(
+    loss, m = loss_of(
         "lp_reg", log_prob, log_prob.detach(), t(ADV), torch.ones(1, 5),
         proxy_log_prob=t(PROXY), lp_reg_neg_frac=0.5, **kwargs,
     )
@@ -207,9 +218,9 @@ def test_filtered_token_never_regularised():
     log_prob = leaf([-20.0, -19.0] + [-1.0] * 8)
     proxy = t([-math.inf, -1e4] + [0.0] * 8)  # both lowest tokens filtered (-inf and reference-style)
     adv = t([-1.0] * 10)
-    reg, m = policy_loss("lp_reg", log_prob, log_prob.detach(), adv, torch.ones(1, 10),
+    reg, m = loss_of("lp_reg", log_prob, log_prob.detach(), adv, torch.ones(1, 10),
                          proxy_log_prob=proxy, lp_reg_neg_frac=0.2)
-    ppo, _ = policy_loss("ppo_clip", log_prob, log_prob.detach(), adv, torch.ones(1, 10))
+    ppo, _ = loss_of("ppo_clip", log_prob, log_prob.detach(), adv, torch.ones(1, 10))
     assert m["lp_reg/selected_frac"].item() == pytest.approx(0.2)
     assert m["lp_reg/regularized_frac"].item() == 0.0
     assert m["lp_reg/proxy_kl"].item() == 0.0
@@ -220,8 +231,8 @@ def test_filtered_token_never_regularised():
 def test_positive_tokens_untouched_while_pos_frac_zero():
     log_prob, old, adv, mask, proxy, _ = random_batch(seed=2)
     adv = adv.abs()  # every token positive
-    reg, m = policy_loss("lp_reg", log_prob, old, adv, mask, proxy_log_prob=proxy, lp_reg_neg_frac=0.5)
-    ppo, _ = policy_loss("ppo_clip", log_prob, old, adv, mask)
+    reg, m = loss_of("lp_reg", log_prob, old, adv, mask, proxy_log_prob=proxy, lp_reg_neg_frac=0.5)
+    ppo, _ = loss_of("ppo_clip", log_prob, old, adv, mask)
     torch.testing.assert_close(reg, ppo)
     torch.testing.assert_close(grad_of(reg, log_prob), grad_of(ppo, log_prob))
     assert m["lp_reg/selected_frac"].item() == 0.0
@@ -234,13 +245,13 @@ def test_positive_side_when_enabled():
     log_prob = leaf([-2.5, -2.0, -0.1])
     adv, proxy = t([1.0, 1.0, 1.0]), t([-1.0, -math.inf, -1.0])
     kw = {"proxy_log_prob": proxy, "lp_reg_neg_frac": 0.0, "lp_reg_pos_frac": 0.7}
-    loss, m = policy_loss("lp_reg", log_prob, log_prob.detach(), adv, torch.ones(1, 3), **kw)
+    loss, m = loss_of("lp_reg", log_prob, log_prob.detach(), adv, torch.ones(1, 3), **kw)
     # k = floor(0.7 * 3) = 2: tokens 0 and 1; token 1 is filtered. Token 0: -1 + (e^1.5 - 1.5 - 1).
     assert loss.item() == pytest.approx((-1 + math.exp(1.5) - 2.5 - 1 - 1) / 3)
     assert m["lp_reg/regularized_frac"].item() == pytest.approx(1 / 3)
     # Far below the proxy the KL saturates at its clamp (10) and stops pushing.
     log_prob = leaf([-5.0, -2.0, -0.1])
-    loss, m = policy_loss("lp_reg", log_prob, log_prob.detach(), adv, torch.ones(1, 3), **kw)
+    loss, m = loss_of("lp_reg", log_prob, log_prob.detach(), adv, torch.ones(1, 3), **kw)
     assert loss.item() == pytest.approx((-1 + 10 - 1 - 1) / 3)
     assert m["lp_reg/proxy_kl"].item() == 10.0
     torch.testing.assert_close(grad_of(loss, log_prob), t([-1 / 3, -1 / 3, -1 / 3]))
@@ -249,11 +260,11 @@ def test_positive_side_when_enabled():
 def test_selection_needs_at_least_two_tokens():
     log_prob = leaf([-5.0] + [-0.1] * 149)  # N_neg = 150, rho = 0.01 -> k = 1 -> off
     adv = t([-1.0] * 150)
-    _, m = policy_loss("lp_reg", log_prob, log_prob.detach(), adv, torch.ones(1, 150),
+    _, m = loss_of("lp_reg", log_prob, log_prob.detach(), adv, torch.ones(1, 150),
                        proxy_log_prob=torch.zeros(1, 150, dtype=F64))
     assert m["lp_reg/selected_frac"].item() == 0.0
     log_prob = leaf([-5.0] + [-0.1] * 199)  # N_neg = 200 -> k = 2
-    _, m = policy_loss("lp_reg", log_prob, log_prob.detach(), t([-1.0] * 200), torch.ones(1, 200),
+    _, m = loss_of("lp_reg", log_prob, log_prob.detach(), t([-1.0] * 200), torch.ones(1, 200),
                        proxy_log_prob=torch.zeros(1, 200, dtype=F64))
     assert m["lp_reg/selected_frac"].item() == pytest.approx(2 / 200)
     assert m["lp_reg/regularized_frac"].item() == pytest.approx(2 / 200)
@@ -266,7 +277,7 @@ def test_regularised_tokens_are_unclipped():
     old = log_prob.detach() - math.log(0.5)
     proxy = t([-2.0, -2.0, 0.0, 0.0])
     adv = t([-1.0] * 4)
-    loss, m = policy_loss("lp_reg", log_prob, old, adv, torch.ones(1, 4), proxy_log_prob=proxy,
+    loss, m = loss_of("lp_reg", log_prob, old, adv, torch.ones(1, 4), proxy_log_prob=proxy,
                           lp_reg_neg_frac=0.5, clip_ratio_low=0.2, clip_ratio_high=0.28)
     k3 = [math.exp(1.0) - 2.0, math.exp(0.5) - 1.5]  # proxy - lp = 1 and 0.5
     assert loss.item() == pytest.approx((0.5 + k3[0] + 0.5 + k3[1] + 0.8 + 0.8) / 4)
@@ -281,10 +292,10 @@ def test_regularised_tokens_are_unclipped():
 def test_rho_zero_equals_ppo_clip_exactly(mode):
     log_prob, old, adv, mask, proxy, _ = random_batch(seed=3)
     kw = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "loss_agg_mode": mode}
-    reg, m_reg = policy_loss(
+    reg, m_reg = loss_of(
         "lp_reg", log_prob, old, adv, mask, proxy_log_prob=proxy, lp_reg_neg_frac=0.0, **kw
     )
-    ppo, m_ppo = policy_loss("ppo_clip", log_prob, old, adv, mask, proxy_log_prob=proxy, **kw)
+    ppo, m_ppo = loss_of("ppo_clip", log_prob, old, adv, mask, proxy_log_prob=proxy, **kw)
     assert torch.equal(reg, ppo)
     assert torch.equal(grad_of(reg, log_prob), grad_of(ppo, log_prob))
     for key, value in m_ppo.items():
@@ -295,7 +306,7 @@ def test_lp_reg_matches_a_direct_per_token_reference():
     """Random batch, loop-by-loop restatement of DESIGN's steps 2 and 3."""
     log_prob, old, adv, mask, proxy, _ = random_batch(seed=4, batch=8, length=50)
     rho, beta, lo, hi = 0.1, 0.7, 0.2, 0.28
-    loss, m = policy_loss("lp_reg", log_prob, old, adv, mask, proxy_log_prob=proxy,
+    loss, m = loss_of("lp_reg", log_prob, old, adv, mask, proxy_log_prob=proxy,
                           lp_reg_neg_frac=rho, lp_reg_coef=beta, clip_ratio_low=lo, clip_ratio_high=hi)
     lp = log_prob.detach()
     neg = [(lp[i, j].item(), i, j) for i in range(8) for j in range(50) if mask[i, j] and adv[i, j] < 0]
@@ -322,7 +333,7 @@ def test_lp_reg_matches_a_direct_per_token_reference():
 def test_lp_reg_needs_proxy():
     log_prob, old, adv, mask, _, _ = random_batch()
     with pytest.raises(ValueError, match="proxy"):
-        policy_loss("lp_reg", log_prob, old, adv, mask)
+        loss_of("lp_reg", log_prob, old, adv, mask)
 
 
 # ----------------------------------------------------------------------------- padding
@@ -334,14 +345,14 @@ def test_padding_changes_nothing(name, mode):
     log_prob, old, adv, mask, proxy, entropy = random_batch(seed=5, batch=5, length=30)
     kw = {"loss_agg_mode": mode, "loss_scale_factor": 30, "lp_reg_neg_frac": 0.2, "kl_cov_ratio": 0.05,
           "clip_cov_ratio": 0.0, "entropy_coef": 0.01, "clip_ratio_low": 0.1, "clip_ratio_high": 0.1}
-    base, m_base = policy_loss(name, log_prob, old, adv, mask, proxy_log_prob=proxy, entropy=entropy, **kw)
+    base, m_base = loss_of(name, log_prob, old, adv, mask, proxy_log_prob=proxy, entropy=entropy, **kw)
     g_base, ge_base = torch.autograd.grad(base, (log_prob, entropy))
 
     pad = 7  # extra columns of garbage, masked out
     junk = torch.full((5, pad), math.nan, dtype=F64)
     log_prob_p = torch.cat([log_prob.detach(), torch.full((5, pad), -1e9, dtype=F64)], 1).requires_grad_()
     entropy_p = torch.cat([entropy.detach(), torch.full((5, pad), 1e9, dtype=F64)], 1).requires_grad_()
-    padded, m_pad = policy_loss(
+    padded, m_pad = loss_of(
         name, log_prob_p, torch.cat([old, junk], 1), torch.cat([adv, junk], 1),
         torch.cat([mask, torch.zeros(5, pad, dtype=F64)], 1),
         proxy_log_prob=torch.cat([proxy, torch.zeros(5, pad, dtype=F64)], 1), entropy=entropy_p, **kw,
@@ -367,7 +378,7 @@ def test_gspo_sequence_ratio_hand_case():
     mask = t([1.0, 1.0], [1.0, 0.0])
     s = math.sqrt(1.1 * 1.3)
     for mode in ("token-mean", "seq-mean-token-mean"):  # GSPO always aggregates per sequence
-        loss, m = policy_loss("gspo", log_prob, old, adv, mask, loss_agg_mode=mode)
+        loss, m = loss_of("gspo", log_prob, old, adv, mask, loss_agg_mode=mode)
         assert loss.item() == pytest.approx((-s + 0.8) / 2)
         torch.testing.assert_close(grad_of(loss, log_prob), t([-s / 4, -s / 4], [0.0, 0.0]))
         assert m["actor/pg_clipfrac"].item() == pytest.approx(1 / 3)
@@ -375,7 +386,7 @@ def test_gspo_sequence_ratio_hand_case():
 
 def test_gspo_on_policy_gradient_is_sequence_mean_policy_gradient():
     log_prob, _, adv, mask, _, _ = random_batch(seed=6, off_policy=False)
-    loss, _ = policy_loss("gspo", log_prob, log_prob.detach(), adv, mask)
+    loss, _ = loss_of("gspo", log_prob, log_prob.detach(), adv, mask)
     lengths = mask.sum(-1, keepdim=True)
     expected = -adv * mask / lengths / mask.shape[0]
     torch.testing.assert_close(grad_of(loss, log_prob), expected)
@@ -389,7 +400,7 @@ def test_kl_cov_hand_case():
     log_prob = leaf([-0.1, -3.0, -0.2, -4.0])
     old = log_prob.detach() - t([0.5, 0.0, 0.0, 0.3])
     adv = t([1.0, 1.0, -1.0, -1.0])
-    loss, m = policy_loss("kl_cov", log_prob, old, adv, torch.ones(1, 4), kl_cov_ratio=0.25, kl_cov_coef=2.0)
+    loss, m = loss_of("kl_cov", log_prob, old, adv, torch.ones(1, 4), kl_cov_ratio=0.25, kl_cov_coef=2.0)
     r0, r3 = math.exp(0.5), math.exp(0.3)
     # Unclipped surrogate everywhere (token 0 would be clipped at 1.28 by PPO); token 3 pays 2|log r|.
     assert loss.item() == pytest.approx((-r0 - 1 + 1 + r3 + 2 * 0.3) / 4)
@@ -397,7 +408,7 @@ def test_kl_cov_hand_case():
     assert m["kl_cov/penalised_frac"].item() == pytest.approx(0.25)
     assert m["actor/pg_clipfrac"].item() == 0.0
     # Tiny ratio still penalises one token: k = max(1, floor(ratio * N)).
-    _, m = policy_loss("kl_cov", log_prob, old, adv, torch.ones(1, 4), kl_cov_ratio=1e-6)
+    _, m = loss_of("kl_cov", log_prob, old, adv, torch.ones(1, 4), kl_cov_ratio=1e-6)
     assert m["kl_cov/penalised_frac"].item() == pytest.approx(0.25)
 
 
@@ -412,8 +423,8 @@ def test_clip_cov_hand_case():
     adv = t([2.0, -2.0, 0.1, -0.1])
     mask = torch.ones(1, 4)
     kw = {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28}
-    loss, m = policy_loss("clip_cov", log_prob, old, adv, mask, clip_cov_ratio=0.5, **kw)
-    ppo, _ = policy_loss("ppo_clip", log_prob, old, adv, mask, **kw)
+    loss, m = loss_of("clip_cov", log_prob, old, adv, mask, clip_cov_ratio=0.5, **kw)
+    ppo, _ = loss_of("ppo_clip", log_prob, old, adv, mask, **kw)
     assert loss.item() == pytest.approx(ppo.item() - (-2.0) / 4)
     g = grad_of(loss, log_prob)
     torch.testing.assert_close(g, grad_of(ppo, log_prob) * t([0.0, 1.0, 1.0, 1.0]))
@@ -426,7 +437,7 @@ def test_clip_cov_random_choice_is_bounded_and_seeded():
     runs = []
     for _ in range(2):
         gen = torch.Generator().manual_seed(0)
-        _, m = policy_loss("clip_cov", log_prob, old, adv, mask, clip_cov_ratio=0.01, generator=gen)
+        _, m = loss_of("clip_cov", log_prob, old, adv, mask, clip_cov_ratio=0.01, generator=gen)
         runs.append(m["actor/pg_clipfrac"].item())
     n = mask.sum().item()
     assert runs[0] == runs[1]
@@ -441,15 +452,15 @@ def test_entropy_8020_trains_only_top_entropy_tokens():
     adv = t([1.0, -1.0, 1.0, -1.0, 2.0])
     entropy = t([0.1, 0.9, 0.5, 0.3, 0.7])
     kw = {"entropy": entropy, "entropy_top_frac": 0.4}  # k = 2: tokens 1 and 4
-    loss, m = policy_loss("entropy_8020", log_prob, log_prob.detach(), adv, torch.ones(1, 5), **kw)
+    loss, m = loss_of("entropy_8020", log_prob, log_prob.detach(), adv, torch.ones(1, 5), **kw)
     assert loss.item() == pytest.approx((1.0 - 2.0) / 2)
     torch.testing.assert_close(grad_of(loss, log_prob), t([0.0, 0.5, 0.0, 0.0, -1.0]))
     assert m["entropy_8020/trained_frac"].item() == pytest.approx(0.4)
-    loss, _ = policy_loss("entropy_8020", log_prob, log_prob.detach(), adv, torch.ones(1, 5),
+    loss, _ = loss_of("entropy_8020", log_prob, log_prob.detach(), adv, torch.ones(1, 5),
                           global_num_tokens=10, **kw)
     assert loss.item() == pytest.approx((1.0 - 2.0) / (0.4 * 10))
     with pytest.raises(ValueError, match="entropy"):
-        policy_loss("entropy_8020", log_prob, log_prob.detach(), adv, torch.ones(1, 5))
+        loss_of("entropy_8020", log_prob, log_prob.detach(), adv, torch.ones(1, 5))
 
 
 # ----------------------------------------------------------------------------- entropy bonus
@@ -459,8 +470,8 @@ def test_entropy_8020_trains_only_top_entropy_tokens():
 def test_entropy_bonus_combines_with_every_loss(name):
     log_prob, old, adv, mask, proxy, entropy = random_batch(seed=8)
     kw = {"proxy_log_prob": proxy, "entropy": entropy, "lp_reg_neg_frac": 0.2, "clip_cov_ratio": 0.0}
-    plain, _ = policy_loss(name, log_prob, old, adv, mask, **kw)
-    bonus, m = policy_loss(name, log_prob, old, adv, mask, entropy_coef=0.05, **kw)
+    plain, _ = loss_of(name, log_prob, old, adv, mask, **kw)
+    bonus, m = loss_of(name, log_prob, old, adv, mask, entropy_coef=0.05, **kw)
     mean_entropy = (entropy * mask).sum() / mask.sum()
     torch.testing.assert_close(bonus, plain - 0.05 * mean_entropy)
     torch.testing.assert_close(grad_of(bonus, entropy), -0.05 * mask / mask.sum())
@@ -470,14 +481,14 @@ def test_entropy_bonus_combines_with_every_loss(name):
 def test_unknown_loss_rejected():
     log_prob, old, adv, mask, _, _ = random_batch()
     with pytest.raises(ValueError, match="unknown policy loss"):
-        policy_loss("ppo", log_prob, old, adv, mask)
+        loss_of("ppo", log_prob, old, adv, mask)
 
 
 def test_float32_inputs_and_bool_mask():
     log_prob, old, adv, mask, proxy, _ = random_batch(seed=9)
-    ref, _ = policy_loss("lp_reg", log_prob, old, adv, mask, proxy_log_prob=proxy, lp_reg_neg_frac=0.2)
+    ref, _ = loss_of("lp_reg", log_prob, old, adv, mask, proxy_log_prob=proxy, lp_reg_neg_frac=0.2)
     lp32 = log_prob.detach().float().requires_grad_()
-    out, m = policy_loss("lp_reg", lp32, old.float(), adv.float(), mask.bool(),
+    out, m = loss_of("lp_reg", lp32, old.float(), adv.float(), mask.bool(),
                          proxy_log_prob=proxy.float(), lp_reg_neg_frac=0.2)
     assert out.dtype == torch.float32
     assert m["lp_reg/regularized_frac"].item() > 0
@@ -489,13 +500,34 @@ def test_strided_inputs(name):
     """Column-major (transposed) tensors, as a caller's slicing may produce, give the same loss."""
     log_prob, old, adv, mask, proxy, entropy = random_batch(seed=10)
     kw = {"lp_reg_neg_frac": 0.2, "kl_cov_ratio": 0.05, "clip_cov_ratio": 0.0}
-    ref, _ = policy_loss(name, log_prob, old, adv, mask, proxy_log_prob=proxy, entropy=entropy, **kw)
+    ref, _ = loss_of(name, log_prob, old, adv, mask, proxy_log_prob=proxy, entropy=entropy, **kw)
 
     def col_major(x):
         return x.detach().t().contiguous().t()
 
-    out, _ = policy_loss(
+    out, _ = loss_of(
         name, col_major(log_prob), col_major(old), col_major(adv), col_major(mask),
         proxy_log_prob=col_major(proxy), entropy=col_major(entropy), **kw,
     )
     torch.testing.assert_close(out, ref)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_maps_every_name_to_a_loss_of_inputs_and_config():
+    assert tuple(POLICY_LOSSES) == ("ppo_clip", "lp_reg", "gspo", "kl_cov", "clip_cov", "entropy_8020")
+    log_prob, old, adv, mask, proxy, entropy = random_batch(seed=11)
+    inputs = LossInputs(log_prob, old, adv, mask, proxy_log_prob=proxy, entropy=entropy)
+    for name, loss_fn in POLICY_LOSSES.items():
+        terms = loss_fn(inputs, AlgorithmConfig(clip_cov_ratio=0.0))
+        assert terms.pg_losses.shape == log_prob.shape, name
+        assert "actor/pg_clipfrac" in terms.metrics, name
+
+
+def test_hyper_parameters_come_from_the_config_section():
+    log_prob, old, adv, mask, _, _ = random_batch(seed=12)
+    inputs = LossInputs(log_prob, old, adv, mask)
+    narrow, _ = policy_loss("ppo_clip", inputs, AlgorithmConfig(clip_ratio_low=0.01, clip_ratio_high=0.01))
+    wide, _ = policy_loss("ppo_clip", inputs, AlgorithmConfig(clip_ratio_low=0.9, clip_ratio_high=9.0))
+    assert narrow.item() != pytest.approx(wide.item())

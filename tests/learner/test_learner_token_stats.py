@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from learner import min_p_proxy_log_prob, policy_loss, token_stats
+from conf.schema import AlgorithmConfig
+from learner import LossInputs, min_p_proxy_log_prob, policy_loss, token_stats
 
 F64 = torch.float64
 
@@ -190,17 +191,17 @@ def test_on_policy_fast_path_end_to_end():
     mask = torch.ones(4, 25, dtype=F64)
     mask[1, 20:] = 0
     adv = torch.tensor([[1.0], [-1.0], [-0.5], [0.3]], dtype=F64).expand(4, 25)
-    kw = {"lp_reg_neg_frac": 0.3, "entropy_coef": 0.01}
+    algo = AlgorithmConfig(lp_reg_neg_frac=0.3, entropy_coef=0.01)
 
     s = token_stats(logits, ids, proxy_min_p=0.1)
-    loss, m = policy_loss("lp_reg", s.log_prob, s.log_prob.detach(), adv, mask,
-                          proxy_log_prob=s.proxy_log_prob, entropy=s.entropy, **kw)
+    loss, m = policy_loss("lp_reg", LossInputs(s.log_prob, s.log_prob.detach(), adv, mask,
+                                               proxy_log_prob=s.proxy_log_prob, entropy=s.entropy), algo)
     g = torch.autograd.grad(loss, logits)[0]
 
     log_prob, entropy = naive_stats(logits, ids, 1.0)
     proxy = naive_proxy(logits.detach(), ids, 0.1)
-    ref, m_ref = policy_loss("lp_reg", log_prob, log_prob.detach(), adv, mask,
-                             proxy_log_prob=proxy, entropy=entropy, **kw)
+    ref, m_ref = policy_loss("lp_reg", LossInputs(log_prob, log_prob.detach(), adv, mask,
+                                                  proxy_log_prob=proxy, entropy=entropy), algo)
     g_ref = torch.autograd.grad(ref, logits)[0]
     assert m["lp_reg/regularized_frac"].item() > 0
     assert m["lp_reg/regularized_frac"].item() < m["lp_reg/selected_frac"].item()  # some filtered

@@ -13,7 +13,7 @@ from typing import Any
 from conf.schema import ModelConfig, RolloutConfig
 from rollout.types import GenerationRequest, GenerationResult, Sample
 
-WORKER_EXTENSION = "rollout.weight_sync.RolloutWeightReceiver"
+WORKER_EXTENSION = "rollout.weight_receiver.RolloutWeightReceiver"
 
 
 def engine_env(cfg: RolloutConfig) -> dict[str, str]:
@@ -30,7 +30,7 @@ def engine_env(cfg: RolloutConfig) -> dict[str, str]:
 
 
 class RolloutWorker:
-    """Wraps one vLLM engine. Created as a Ray actor by ``rollout.group.RolloutGroup``."""
+    """Wraps one vLLM engine. Created as a Ray actor by ``launch.cluster.rollout_group.RolloutGroup``."""
 
     def __init__(self, worker_index: int, model_path: str, model_cfg: ModelConfig,
                  rollout_cfg: RolloutConfig, seed: int) -> None:

@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from conf.schema import ModelConfig, RolloutConfig, SyntheticTaskConfig, TinyModelConfig
-    from launch.data import synthetic_problems
-    from launch.tiny_model import build_tiny_model
-    from rollout.group import RolloutGroup
+    from launch.cluster.rollout_group import RolloutGroup
+    from launch.data.synthetic import synthetic_problems
+    from launch.models.tiny_model import build_tiny_model
     from rollout.worker import engine_env
 
     cfg = RolloutConfig(num_workers=1, samples_per_prompt=args.n, max_response_tokens=args.max_tokens,

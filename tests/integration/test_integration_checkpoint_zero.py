@@ -21,7 +21,7 @@ def test_zero3_checkpoint_round_trip(tmp_path):
     report = tmp_path / "report.json"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     # Its own process: DeepSpeed's process group and environment stay out of pytest.
-    proc = subprocess.run([sys.executable, "-m", "launch.checkpoint_smoke", "--stages", "3",
+    proc = subprocess.run([sys.executable, "tools/checkpoint_smoke.py", "--stages", "3",
                            "--json", str(report)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -161,7 +161,7 @@ def test_resumed_training_continues_from_the_restored_state(runs):
 
 
 def test_checkpoints_are_complete_and_pruned(runs):
-    from launch import checkpoint
+    from launch.training import checkpoint
 
     root = runs["out"] / "full" / "checkpoints"
     assert [s for s, _ in checkpoint.list_checkpoints(root)] == [2, 4]
@@ -171,7 +171,7 @@ def test_checkpoints_are_complete_and_pruned(runs):
 
 
 def test_evaluations_survive_the_resume(runs):
-    from launch.evaluation import load_eval_results
+    from launch.training.evaluation import load_eval_results
 
     evals = load_eval_results(runs["out"] / "resumed" / "eval.jsonl")
     assert [e.step for e in evals] == [0, 3, 4]

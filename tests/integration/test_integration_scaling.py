@@ -92,8 +92,8 @@ def small_local_ray():
 
 
 def test_placement_that_does_not_fit_names_the_group(small_local_ray):
-    from launch.config import load_config
-    from launch.placement import Placement, PlacementError
+    from conf.load import load_config
+    from launch.cluster.placement import Placement, PlacementError
 
     cfg = load_config(overrides=["rollout.num_workers=3", "learner.num_workers=1",
                                  "ray.placement_timeout_s=3"])
@@ -109,8 +109,8 @@ def test_placement_that_does_not_fit_names_the_group(small_local_ray):
 def test_colocated_bundles_are_reserved_and_released(small_local_ray):
     from ray.util.placement_group import placement_group_table
 
-    from launch.config import load_config
-    from launch.placement import Placement
+    from conf.load import load_config
+    from launch.cluster.placement import Placement
 
     cfg = load_config(overrides=["rollout.num_workers=2", "learner.num_workers=1",
                                  "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5",

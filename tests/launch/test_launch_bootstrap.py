@@ -9,9 +9,9 @@ import json
 import logging
 
 from conf.schema import SyntheticTaskConfig, TinyModelConfig
-from launch.bootstrap import bootstrap, format_answer, greedy_accuracy, tiny_model_dir
-from launch.data import synthetic_problems
-from launch.tiny_model import load_tiny_model
+from launch.data.synthetic import synthetic_problems
+from launch.models.bootstrap import bootstrap, format_answer, greedy_accuracy, tiny_model_dir
+from launch.models.tiny_model import load_tiny_model
 
 # Sums of one-digit operands: learnable in a few hundred small steps.
 EASY = SyntheticTaskConfig(kind="sum", num_operands=2, min_operand=1, max_operand=3, seed=0)

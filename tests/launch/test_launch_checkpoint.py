@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
+from conf.load import ConfigError
 from conf.schema import LpregConfig
-from launch import checkpoint
-from launch.config import ConfigError
+from launch.training import checkpoint
 
 
 class FakeLearners:

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from launch.config import ConfigError, load_config
+from conf.load import ConfigError, load_config
 
 
 def test_defaults_are_the_embedded_demo():

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from conf.schema import SyntheticTaskConfig
-from launch.data import DataError, PromptRecord, PromptSampler, load_prompts_file, synthetic_problems
+from launch.data.prompts import DataError, PromptRecord, PromptSampler, load_prompts_file
+from launch.data.synthetic import synthetic_problems
 
 
 def test_synthetic_sums_are_reproducible_and_correct():
@@ -73,8 +74,8 @@ def test_sampler_refuses_batches_larger_than_the_data():
 
 
 def test_synthetic_held_out_set_is_full_size_distinct_and_never_trained_on():
-    from launch.config import load_config
-    from launch.driver import load_prompts
+    from conf.load import load_config
+    from launch.data.prepare import load_prompts
 
     # 2-digit sums have only 8,100 distinct problems: a naive split would leave few.
     cfg = load_config(overrides=["data.num_synthetic_train=20000", "data.num_synthetic_eval=500"])
@@ -109,8 +110,8 @@ def test_unknown_format_is_refused(tmp_path):
 
 
 def test_chat_prompts_go_through_the_chat_template(tmp_path):
-    from launch.driver import prompt_token_ids
-    from launch.tiny_model import build_tokenizer
+    from launch.data.prepare import prompt_token_ids
+    from launch.models.tiny_model import build_tokenizer
 
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+1="}],
@@ -128,7 +129,7 @@ def test_chat_prompts_go_through_the_chat_template(tmp_path):
 
 
 def test_truncated_responses_get_the_truncated_reward():
-    from launch.driver import apply_truncated_reward
+    from verifier.shaping import apply_truncated_reward
 
     scores, reasons = [1.0, 1.0, 0.0], ["stop", "length", "length"]
     assert apply_truncated_reward(scores, reasons, 0.0) == [1.0, 0.0, 0.0]
@@ -137,7 +138,7 @@ def test_truncated_responses_get_the_truncated_reward():
 
 
 def _tokenizer_with_template():
-    from launch.tiny_model import build_tokenizer
+    from launch.models.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
@@ -148,7 +149,7 @@ def _tokenizer_with_template():
 @pytest.mark.parametrize("mode, expected", [("auto", "<user>1+1=A:"), ("always", "<user>1+1=A:"),
                                             ("never", "1+1=")])
 def test_plain_prompts_follow_the_chat_template_mode(mode, expected):
-    from launch.driver import prompt_token_ids
+    from launch.data.prepare import prompt_token_ids
 
     tokenizer = _tokenizer_with_template()
     record = PromptRecord(prompt="1+1=", answer="2", id="p0")
@@ -156,8 +157,8 @@ def test_plain_prompts_follow_the_chat_template_mode(mode, expected):
 
 
 def test_plain_prompts_stay_plain_without_a_template_unless_it_is_required():
-    from launch.driver import prompt_token_ids
-    from launch.tiny_model import build_tokenizer
+    from launch.data.prepare import prompt_token_ids
+    from launch.models.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer()
     record = PromptRecord(prompt="1+1=", answer="2", id="p0")
@@ -167,7 +168,7 @@ def test_plain_prompts_stay_plain_without_a_template_unless_it_is_required():
 
 
 def test_unknown_chat_template_mode_names_the_key():
-    from launch.config import ConfigError, load_config
+    from conf.load import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="data.chat_template"):
         load_config(None, ["data.chat_template=sometimes"])
@@ -202,7 +203,7 @@ def test_fraction_answers_verify_in_latex_form():
                                            ("data.synthetic.min_operand=100",
                                             "data.synthetic.min_operand")])
 def test_bad_synthetic_task_names_the_key_when_the_config_loads(override, key):
-    from launch.config import ConfigError, load_config
+    from conf.load import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])

@@ -4,17 +4,17 @@ import json
 
 import pytest
 
+from conf.load import ConfigError
 from conf.schema import LpregConfig
-from launch import checkpoint
-from launch.config import ConfigError
-from launch.eval_model import (
+from launch.cli.eval import (
     checkpoint_model_dir,
     checkpoint_of,
     default_output,
     expand_shorthands,
     run_evaluation,
 )
-from launch.evaluation import EvalResult, load_eval_results
+from launch.training import checkpoint
+from launch.training.evaluation import EvalResult, load_eval_results
 
 
 def fake_checkpoint(run_dir, step):

@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from launch.data import PromptRecord
-from launch.evaluation import pass_at_k, summarize
+from launch.data.prompts import PromptRecord
+from launch.training.evaluation import pass_at_k, summarize
 
 
 def test_pass_at_k_matches_the_combinatorial_definition():

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from launch import cli, jobs
-from launch.jobs import (
+from launch.cli.main import main as lpreg_main
+from launch.cluster import jobs
+from launch.cluster.jobs import (
     DEFAULT_ADDRESS,
     PROJECT_DIR,
     TokenLookup,
@@ -186,7 +187,7 @@ def test_401_from_a_real_server_is_one_clear_line(clean_env, refusing_server):
 
 def test_403_from_a_real_server_names_the_token_source(clean_env, refusing_server, monkeypatch, capsys):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-this-clusters-token")
-    code = cli.main(["stop", "raysubmit_x", "--address", refusing_server])
+    code = lpreg_main(["stop", "raysubmit_x", "--address", refusing_server])
     err = capsys.readouterr().err
     assert code == 1
     assert "403 Forbidden" in err and "taken from RAY_AUTH_TOKEN" in err
@@ -263,7 +264,7 @@ def fake_client(monkeypatch, clean_env):
 def test_submit_passes_recipe_overrides_and_token(fake_client, monkeypatch, capsys):
     monkeypatch.setenv("RAY_AUTH_TOKEN", "tok")
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://head:8265")
-    code = cli.main(["submit", "-c", "lp_reg_on_policy", "trainer.total_steps=2",
+    code = lpreg_main(["submit", "-c", "lp_reg_on_policy", "trainer.total_steps=2",
                      "trainer.output_dir=/shared/runs", "rollout.num_workers=3",
                      "trainer.run_name=a b"])
     out = capsys.readouterr()
@@ -277,12 +278,12 @@ def test_submit_passes_recipe_overrides_and_token(fake_client, monkeypatch, caps
         "python", "-m", "launch.cli", "train", "-c", "lp_reg_on_policy", "trainer.total_steps=2",
         "trainer.output_dir=/shared/runs", "rollout.num_workers=3", "trainer.run_name=a b"]
     assert client.submitted["runtime_env"]["working_dir"].endswith(".zip")
-    assert "launch/cli.py" in client.shipped and "conf/recipes/lp_reg_on_policy.yaml" in client.shipped
+    assert "launch/cli/main.py" in client.shipped and "conf/recipes/lp_reg_on_policy.yaml" in client.shipped
     assert not any(name.startswith((".venv/", ".git/")) for name in client.shipped)
 
 
 def test_submit_with_explicit_address_job_id_and_python(fake_client, capsys):
-    code = cli.main(["submit", "--address", "head:8265", "--job-id", "mine-1",
+    code = lpreg_main(["submit", "--address", "head:8265", "--job-id", "mine-1",
                      "--python", "/opt/venv/bin/python", "trainer.output_dir=/abs"])
     assert code == 0
     (client,) = FakeClient.instances
@@ -296,7 +297,7 @@ def test_submit_with_explicit_address_job_id_and_python(fake_client, capsys):
 @pytest.mark.parametrize("override", ["rollout.num_worker=2", "trainer.total_steps=many",
                                       "ray.placement_strategy=TIGHT"])
 def test_submit_config_error_exits_2_before_contacting_anything(fake_client, override, capsys):
-    code = cli.main(["submit", "--address", "http://127.0.0.1:1", override])
+    code = lpreg_main(["submit", "--address", "http://127.0.0.1:1", override])
     err = capsys.readouterr().err
     assert code == 2
     assert override.split("=")[0] in err
@@ -304,7 +305,7 @@ def test_submit_config_error_exits_2_before_contacting_anything(fake_client, ove
 
 
 def test_submit_follow_streams_logs_and_reports_success(fake_client, capsys):
-    code = cli.main(["submit", "--follow", "trainer.output_dir=/abs"])
+    code = lpreg_main(["submit", "--follow", "trainer.output_dir=/abs"])
     out = capsys.readouterr()
     assert code == 0
     assert "step 1/2\nstep 2/2\n" in out.out
@@ -313,18 +314,18 @@ def test_submit_follow_streams_logs_and_reports_success(fake_client, capsys):
 
 def test_submit_follow_exits_nonzero_when_the_job_fails(fake_client, capsys):
     fake_client["state"] = "FAILED"
-    code = cli.main(["submit", "--follow", "trainer.output_dir=/abs"])
+    code = lpreg_main(["submit", "--follow", "trainer.output_dir=/abs"])
     assert code == 1
     assert "FAILED" in capsys.readouterr().err
 
 
 def test_submit_notes_relative_output_dir(fake_client, capsys):
-    assert cli.main(["submit"]) == 0
+    assert lpreg_main(["submit"]) == 0
     assert "trainer.output_dir=runs is relative" in capsys.readouterr().err
 
 
 def test_status_prints_state(fake_client, capsys):
-    assert cli.main(["status", "raysubmit_1"]) == 0
+    assert lpreg_main(["status", "raysubmit_1"]) == 0
     assert capsys.readouterr().out.strip() == "raysubmit_1: SUCCEEDED (Job finished)"
 
 
@@ -362,7 +363,10 @@ def test_entrypoint_quotes_values():
 def test_upload_leaves_out_environment_caches_and_outputs(tmp_path):
     target = jobs.package_project(PROJECT_DIR, tmp_path)
     names = zipfile.ZipFile(target).namelist()
-    assert "launch/cli.py" in names and "conf/schema.py" in names
-    for banned in (".venv/", ".git/", "runs/", "models/", "__pycache__/"):
-        assert not any(n.startswith(banned) or f"/{banned}" in n for n in names), banned
+    assert "launch/cli/main.py" in names and "conf/schema.py" in names
+    # The package launch/models/ ships; the top-level model cache does not.
+    assert "launch/models/bootstrap.py" in names
+    for banned in (".venv/", ".git/", "runs/", "models/"):
+        assert not any(n.startswith(banned) for n in names), banned
+    assert not any("__pycache__/" in n for n in names)
     assert Path(target).stat().st_size < 5 * 2**20

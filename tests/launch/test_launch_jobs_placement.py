@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launch.config import ConfigError, load_config
-from launch.placement import GroupPlan, check_placement_config, format_bundle, plan_placement
+from conf.load import ConfigError, load_config
+from launch.cluster.placement import GroupPlan, check_placement_config, format_bundle, plan_placement
 
 
 def plan(*overrides: str):

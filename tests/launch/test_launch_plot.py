@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from launch.cli import main
-from launch.plot import FIGURES, load_run, plot_runs, run_names
+from launch.cli.main import main
+from launch.reporting.plot import FIGURES, load_run, plot_runs, run_names
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@ import sys
 
 from rich.console import Console
 
-from launch.progress import Progress, format_duration, headline_eval
+from launch.reporting.progress import Progress, format_duration, headline_eval
 
 METRICS = {"reward/mean": 0.25, "response_length/mean": 12.0, "timing/step_s": 10.0,
            "timing/rollout_s": 6.0, "timing/update_s": 3.5, "timing/weight_sync_s": 0.5}

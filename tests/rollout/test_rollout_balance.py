@@ -1,6 +1,6 @@
 import pytest
 
-from rollout.group import balance_prompts
+from launch.cluster.rollout_group import balance_prompts
 
 
 @pytest.mark.parametrize("num_prompts,num_workers", [(8, 2), (7, 3), (2, 3), (0, 2), (16, 1)])

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from conf.schema import ModelConfig, RolloutConfig
-from launch.remote import wait_named
+from launch.cluster.remote import wait_named
 from rollout.types import GenerationRequest, GenerationResult, Sample, SamplingSettings
 from rollout.worker import RolloutWorker, engine_env
 

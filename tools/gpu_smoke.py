@@ -1,6 +1,6 @@
 """GPU smoke test of the learner side: DeepSpeed on NCCL, every ZeRO stage, both losses.
 
-    python -m launch.gpu_smoke [--stages 0,2,3] [--dtype bfloat16] [--json out.json]
+    python tools/gpu_smoke.py [--stages 0,2,3] [--dtype bfloat16] [--json out.json]
 
 It needs one CUDA GPU, torch, transformers and deepspeed; it needs neither Ray nor vLLM.
 Each ZeRO stage builds a fresh tiny Qwen2 model, wraps it in the same ``Learner`` the
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
 
     from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig, TinyModelConfig
-    from launch.tiny_model import build_tiny_model, load_tiny_model
+    from launch.models.tiny_model import build_tiny_model, load_tiny_model
     from learner.actor import Learner, free_port
     from learner.batch import shard_for_learners
 

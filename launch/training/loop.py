@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from conf.load import to_yaml
 from conf.schema import LpregConfig
-from launch import checkpoint
-from launch.config import to_yaml
-from launch.data import PromptRecord, PromptSampler, load_prompts_file, synthetic_problems
-from launch.evaluation import EvalResult, evaluate, load_eval_results
-from launch.metrics import MetricsWriter
-from launch.progress import Progress
+from launch.data.prepare import prepare_prompts
+from launch.data.prompts import PromptSampler
+from launch.models.resolve import resolve_model_path
+from launch.reporting.metrics import MetricsWriter
+from launch.reporting.progress import Progress
+from launch.training import checkpoint
+from launch.training.evaluation import EvalResult, evaluate, load_eval_results
+from launch.training.step_metrics import average_learner_metrics, prompt_ids_hash, summarize_rollout
+from verifier.shaping import apply_truncated_reward
 
 log = logging.getLogger("lpreg")
 
@@ -38,144 +40,6 @@ def prepare_run_dir(cfg: LpregConfig) -> Path:
     return run_dir
 
 
-def resolve_model_path(cfg: LpregConfig) -> str:
-    """The user's model directory, or the bootstrapped tiny model (built once, then reused)."""
-    if cfg.model.path:
-        path = Path(cfg.model.path).expanduser()
-        if not (path / "config.json").is_file():
-            from launch.config import ConfigError
-
-            raise ConfigError(f"config key 'model.path': {path} is not a Hugging Face model "
-                              "directory (no config.json)")
-        return str(path.resolve())
-    from launch.bootstrap import bootstrap, tiny_model_dir
-
-    path = tiny_model_dir(cfg.model.cache_dir, cfg.model.tiny, cfg.data.synthetic)
-    if not path.exists():
-        log.info("bootstrapping the tiny model into %s (once; later runs reuse it)", path)
-    return str(bootstrap(path, cfg.model.tiny, cfg.data.synthetic).resolve())
-
-
-def load_prompts(cfg: LpregConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
-    """Training prompts and held-out evaluation prompts."""
-    if cfg.data.train_path:
-        train = load_prompts_file(cfg.data.train_path)
-        held_out = load_prompts_file(cfg.data.eval_path) if cfg.data.eval_path else []
-        return train, held_out
-    if cfg.data.eval_path:
-        held_out = load_prompts_file(cfg.data.eval_path)
-    else:
-        # Distinct problems from their own seed...
-        candidates = synthetic_problems(cfg.data.synthetic, 4 * cfg.data.num_synthetic_eval,
-                                        seed=cfg.data.synthetic.seed + 1_000_003)
-        unique = {r.prompt: r for r in candidates}
-        held_out = list(unique.values())[: cfg.data.num_synthetic_eval]
-    # ...that the policy never trains on.
-    excluded = {r.prompt for r in held_out}
-    train = [r for r in synthetic_problems(cfg.data.synthetic, cfg.data.num_synthetic_train,
-                                           seed=cfg.data.synthetic.seed)
-             if r.prompt not in excluded]
-    return train, held_out
-
-
-def prompt_token_ids(tokenizer, record: PromptRecord, chat_template: str = "auto") -> list[int]:
-    """Token ids of one prompt, through the tokenizer's chat template where ``data.chat_template``
-    and the tokenizer say so (see the config key for the three modes)."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    use_template = record.is_chat or chat_template == "always" or (
-        chat_template == "auto" and has_template)
-    if not use_template:
-        return tokenizer(record.prompt)["input_ids"]
-    if not has_template:
-        from launch.data import DataError
-
-        why = ("is a list of chat messages" if record.is_chat
-               else "needs it (data.chat_template=always)")
-        raise DataError(f"prompt '{record.id}' {why}, but the model's tokenizer has no chat "
-                        "template")
-    messages = record.messages() if record.is_chat else [{"role": "user", "content": record.prompt}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    # transformers 5 returns a BatchEncoding here, 4.x a plain list.
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def tokenize_prompts(tokenizer, records: list[PromptRecord], max_tokens: int,
-                     chat_template: str = "auto"):
-    """Token ids per prompt; prompts over ``max_tokens`` are dropped and counted."""
-    kept, ids, dropped = [], [], 0
-    for record in records:
-        tokens = prompt_token_ids(tokenizer, record, chat_template)
-        if len(tokens) > max_tokens:
-            dropped += 1
-            continue
-        kept.append(record)
-        ids.append(tokens)
-    return kept, ids, dropped
-
-
-def apply_truncated_reward(scores: list[float], finish_reasons: list[str],
-                           truncated_reward: float | None) -> list[float]:
-    """Give responses that hit the length cap ``truncated_reward`` instead of their score."""
-    if truncated_reward is None:
-        return list(scores)
-    return [truncated_reward if reason == "length" else score
-            for score, reason in zip(scores, finish_reasons, strict=True)]
-
-
-def weight_transport(cfg: LpregConfig) -> str:
-    if cfg.rollout.weight_sync != "auto":
-        return cfg.rollout.weight_sync
-    return "nccl" if cfg.rollout.gpus_per_worker > 0 else "object_store"
-
-
-def summarize_rollout(samples, rewards: list[float], max_tokens: int) -> dict[str, float]:
-    lengths = [len(s.response_token_ids) for s in samples]
-    return {
-        "reward/mean": statistics.fmean(rewards),
-        "reward/std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
-        "reward/max": max(rewards),
-        "reward/min": min(rewards),
-        "response_length/mean": statistics.fmean(lengths),
-        "response_length/max": max(lengths),
-        "response_length/clip_ratio": sum(s.finish_reason == "length" for s in samples)
-        / len(samples),
-        "rollout/num_samples": len(samples),
-    }
-
-
-def prompt_ids_hash(records: list[PromptRecord]) -> str:
-    """A short fingerprint of a step's prompts, in order, to compare runs and resumes."""
-    return hashlib.sha1("\n".join(r.id for r in records).encode()).hexdigest()[:16]
-
-
-def average_learner_metrics(results) -> dict[str, float]:
-    keys = sorted({k for r in results for k in r.metrics})
-    return {k: statistics.fmean(r.metrics[k] for r in results if k in r.metrics) for k in keys}
-
-
-@dataclass
-class PreparedPrompts:
-    """Tokenized training and evaluation prompts, over-long ones already skipped."""
-
-    records: list[PromptRecord]
-    ids_of: dict[int, list[int]]  # id(record) -> prompt token ids
-    eval_records: list[PromptRecord]
-    eval_ids: list[list[int]]
-
-
-def prepare_prompts(cfg: LpregConfig, tokenizer) -> PreparedPrompts:
-    train_records, eval_records = load_prompts(cfg)
-    records, prompt_ids, dropped = tokenize_prompts(
-        tokenizer, train_records, cfg.data.max_prompt_tokens, cfg.data.chat_template)
-    eval_records, eval_ids, eval_dropped = tokenize_prompts(
-        tokenizer, eval_records, cfg.data.max_prompt_tokens, cfg.data.chat_template)
-    if dropped or eval_dropped:
-        log.warning("skipped %d training and %d evaluation prompts longer than "
-                    "data.max_prompt_tokens=%d", dropped, eval_dropped, cfg.data.max_prompt_tokens)
-    ids_of = {id(r): ids for r, ids in zip(records, prompt_ids, strict=True)}
-    return PreparedPrompts(records, ids_of, eval_records, eval_ids)
-
-
 class Trainer:
     """Runs one training job: start the actors, then rollout -> verify -> update -> sync.
 
@@ -191,8 +55,8 @@ class Trainer:
     def run(self) -> RunResult:
         from transformers import AutoTokenizer
 
-        from launch import ray_setup
-        from launch.placement import Placement
+        from launch.cluster import ray_setup
+        from launch.cluster.placement import Placement
         from verifier import MathVerifier
 
         cfg = self.cfg
@@ -257,9 +121,9 @@ class Trainer:
     # --- phases of a run -----------------------------------------------------------
 
     def _start_actors(self, placement) -> None:
-        from learner.group import LearnerGroup
-        from rollout.group import RolloutGroup
-        from rollout.weight_sync import make_weight_sync
+        from launch.cluster.learner_group import LearnerGroup
+        from launch.cluster.rollout_group import RolloutGroup
+        from launch.training.weight_sync import make_weight_sync, weight_transport
 
         cfg = self.cfg
         t0 = time.perf_counter()

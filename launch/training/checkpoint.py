@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from launch.config import ConfigError
+from conf.load import ConfigError
 
 log = logging.getLogger("lpreg")
 

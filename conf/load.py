@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from conf.schema import LpregConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent
 RECIPE_DIR = CONF_DIR / "recipes"
 
 
@@ -108,7 +108,8 @@ def validate(cfg: LpregConfig) -> None:
     positive("algorithm.mini_batches_per_step", cfg.algorithm.mini_batches_per_step)
     positive("algorithm.epochs_per_step", cfg.algorithm.epochs_per_step)
     positive("trainer.total_steps", cfg.trainer.total_steps)
-    from launch.data import DataError, synthetic_problems
+    from launch.data.prompts import DataError
+    from launch.data.synthetic import synthetic_problems
 
     try:  # the generator is the one judge of its settings; ask it now, not mid-run
         synthetic_problems(cfg.data.synthetic, 1, seed=cfg.data.synthetic.seed)
@@ -145,7 +146,7 @@ def validate(cfg: LpregConfig) -> None:
             f"config key 'algorithm.mini_batches_per_step': data.prompts_per_step="
             f"{cfg.data.prompts_per_step} is not a multiple of it, so a GRPO group "
             "would be split across mini-batches")
-    from launch.placement import check_placement_config  # imports this module
+    from launch.cluster.placement import check_placement_config  # imports this module
 
     check_placement_config(cfg)
     if cfg.algorithm.advantage in ("grpo", "drgrpo", "rloo") and cfg.rollout.samples_per_prompt < 2:

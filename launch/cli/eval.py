@@ -1,22 +1,24 @@
 """``lpreg eval``: evaluate a model directory on held-out problems, outside training.
 
 It uses the same pieces as evaluation during training (rollout workers on vLLM, the
-math verifier, ``launch.evaluation``) and the same config: ``model.path``,
+math verifier, ``launch.training.evaluation``) and the same config: ``model.path``,
 ``data.eval_path``, ``trainer.eval_temperature``, ``trainer.eval_samples``,
 ``rollout.*`` and ``verifier.*``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
+from conf.load import ConfigError, load_config, to_yaml
 from conf.schema import LpregConfig
-from launch import checkpoint
-from launch.config import ConfigError
-from launch.evaluation import EvalResult
+from launch.cli.arguments import add_overrides_argument, add_recipe_argument
+from launch.training import checkpoint
+from launch.training.evaluation import EvalResult
 
 log = logging.getLogger("lpreg")
 
@@ -64,10 +66,11 @@ def run_evaluation(cfg: LpregConfig, output: str | Path | None = None) -> tuple[
     """Evaluate, append one record to ``eval.jsonl``, and return it with the file's path."""
     from transformers import AutoTokenizer
 
-    from launch import ray_setup
-    from launch.driver import load_prompts, resolve_model_path, tokenize_prompts
-    from launch.evaluation import evaluate
-    from rollout.group import RolloutGroup
+    from launch.cluster import ray_setup
+    from launch.cluster.rollout_group import RolloutGroup
+    from launch.data.prepare import load_prompts, tokenize_prompts
+    from launch.models.resolve import resolve_model_path
+    from launch.training.evaluation import evaluate
     from verifier import MathVerifier
 
     if cfg.model.path:
@@ -135,3 +138,29 @@ def format_result(result: EvalResult) -> str:
         shown = f"{int(value)}" if "num_problems" in key else f"{value:.4f}"
         lines.append(f"{key:<{width}}  {shown}")
     return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, expand_shorthands(args.overrides))
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    result, output = run_evaluation(cfg, args.output)
+    print(format_result(result))
+    print(f"appended to {output}")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser(
+        "eval", help="evaluate a model directory or checkpoint on held-out problems")
+    add_recipe_argument(evaluate)
+    evaluate.add_argument("--output", help="eval.jsonl to append to (default: the run directory "
+                          "of the checkpoint, else trainer.output_dir/trainer.run_name)")
+    evaluate.add_argument("--print-config", action="store_true",
+                          help="print the resolved config and exit")
+    add_overrides_argument(
+        evaluate, "e.g. model=runs/demo/checkpoints/step_60 data=aime.jsonl "
+                  "trainer.eval_samples=8 trainer.eval_temperature=0.6 "
+                  "(model= and data= stand for model.path= and data.eval_path=)")
+    evaluate.set_defaults(func=run)

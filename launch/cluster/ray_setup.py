@@ -45,7 +45,7 @@ def check_capacity(cfg: LpregConfig) -> None:
     """Fail early, naming the key, when the cluster lacks the GPUs the config asks for."""
     import ray
 
-    from launch.config import ConfigError
+    from conf.load import ConfigError
 
     _, gpus = required_resources(cfg)
     available = ray.cluster_resources().get("GPU", 0.0)

@@ -18,31 +18,14 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from launch.remote import wait_named
+from conf.schema import LpregConfig
+from launch.cluster.remote import wait_named
 
 if TYPE_CHECKING:
-    from learner.group import LearnerGroup
-    from rollout.group import RolloutGroup
-
-
-class RolloutWeightReceiver:
-    """vLLM worker extension: methods reachable through ``llm.collective_rpc``.
-
-    vLLM mixes this class into its worker, so ``self.model_runner`` is the engine's.
-    """
-
-    def load_named_tensors(self, named_tensors: list[tuple[str, Any]]) -> None:
-        # The CPU backend repacks weights after loading, so ``model.load_weights``
-        # cannot be called on the live model; the runner's reload path re-runs the
-        # whole load-and-process sequence in place.
-        self.model_runner.reload_weights(  # type: ignore[attr-defined]
-            weights_iterator=iter(named_tensors), is_checkpoint_format=True)
-
-    def weights_checksum(self) -> float:
-        model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        return float(sum(p.detach().double().abs().sum().item() for p in model.parameters()))
+    from launch.cluster.learner_group import LearnerGroup
+    from launch.cluster.rollout_group import RolloutGroup
 
 
 @dataclass
@@ -117,6 +100,13 @@ class NcclWeightSync(WeightSync):
                            self.timeout_s, "report its weight export")["learner-0"]
         return SyncReport(version=version, seconds=time.perf_counter() - start,
                           num_tensors=stats[0], num_bytes=stats[1])
+
+
+def weight_transport(cfg: LpregConfig) -> str:
+    if cfg.rollout.weight_sync != "auto":
+        return cfg.rollout.weight_sync
+    return "nccl" if cfg.rollout.gpus_per_worker > 0 else "object_store"
+
 
 
 def make_weight_sync(transport: str, learners: LearnerGroup, rollout: RolloutGroup,

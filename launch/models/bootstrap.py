@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from conf.schema import SyntheticTaskConfig, TinyModelConfig
-from launch.data import PromptRecord, synthetic_problems
+from launch.data.prompts import PromptRecord
+from launch.data.synthetic import synthetic_problems
 
 log = logging.getLogger("lpreg.bootstrap")
 
@@ -121,7 +122,7 @@ def tiny_model_dir(cache_dir: str | Path, cfg: TinyModelConfig, task: SyntheticT
 def bootstrap(output_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskConfig,
               eval_problems: int = 500) -> Path:
     """Build, warm-start and save the tiny model; reuse an existing complete one."""
-    from launch.tiny_model import build_tiny_model, load_tiny_model, save_tiny_model
+    from launch.models.tiny_model import build_tiny_model, load_tiny_model, save_tiny_model
 
     output_dir = Path(output_dir)
     marker = output_dir / "lpreg_tiny.json"

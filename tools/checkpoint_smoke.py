@@ -1,6 +1,6 @@
 """Check the learner's checkpoint round trip on one rank, without Ray or vLLM.
 
-    python -m launch.checkpoint_smoke [--stages 0,3] [--dtype float32] [--json out.json]
+    python tools/checkpoint_smoke.py [--stages 0,3] [--dtype float32] [--json out.json]
 
 For each ZeRO stage: train one step, save, train a second step; then build a fresh
 learner, load the checkpoint and train the same second step. The weights after loading
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from conf.schema import TinyModelConfig
-    from launch.tiny_model import build_tiny_model
+    from launch.models.tiny_model import build_tiny_model
     from learner.actor import free_port
 
     work_dir = tempfile.mkdtemp(prefix="lpreg-ckpt-")

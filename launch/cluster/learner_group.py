@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
-from launch.remote import wait_named
+from launch.cluster.remote import wait_named
 from learner.actor import Learner, LearnerStepResult
 from learner.batch import TrainBatch, shard_for_learners
 

@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from launch.data import PromptRecord
+from launch.data.prompts import PromptRecord
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:

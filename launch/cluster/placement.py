@@ -19,8 +19,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from conf.load import ConfigError
 from conf.schema import LearnerConfig, LpregConfig, RolloutConfig
-from launch.config import ConfigError
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 

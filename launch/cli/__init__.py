@@ -1,0 +1,1 @@
+"""The ``lpreg`` command line: one module per command, assembled in ``launch.cli.main``."""

@@ -1,0 +1,37 @@
+"""The ``lpreg`` command line: every command's parser, and one exit code per kind of failure."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from conf.load import ConfigError
+from launch.cli import bench, bootstrap, eval, jobs, plot, train
+
+EXIT_CONFIG = 2
+COMMANDS = (train, bootstrap, eval, plot, bench, jobs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lpreg", description="RL with verifiable rewards and Lp-Reg on Ray, vLLM and DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"lpreg: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -118,6 +118,23 @@ class LearnerConfig:
     dist_backend: str = "auto"
     timeout_s: float = 600.0
     startup_timeout_s: float = 600.0
+    # Micro-batches by a token budget instead of micro_batch_size: at most this many padded
+    # tokens (rows x (longest prompt + longest response)) per forward, sequences grouped by
+    # length. Long-tailed response lengths then cost memory by the budget, not by the longest
+    # response times the count. 0: count-based micro-batches of micro_batch_size.
+    max_tokens_per_micro_batch: int = 0
+    # Recompute each decoder layer's activations in the backward pass instead of keeping
+    # them: far less activation memory for about one more forward of compute.
+    gradient_checkpointing: bool = False
+    # Positions whose logits exist at once: the output projection and the log-prob, entropy
+    # and Lp-Reg proxy run chunk by chunk, forward and backward, so no response x vocabulary
+    # logits tensor is ever whole. 0: the whole micro-batch's logits at once.
+    logits_chunk_tokens: int = 0
+    # Learning rate over optimizer steps: "constant", "linear" or "cosine" decay to
+    # min_lr_ratio * lr, after a linear warm-up of lr_warmup_steps.
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
-from learner.batch import LearnerShard, TrainBatch
+from learner.batch import LearnerShard, RaggedBatch, TrainBatch
 
 
 @dataclass
@@ -23,12 +23,16 @@ class LearnerStepResult:
     num_optimizer_steps: int
 
 
-def deepspeed_config(cfg: LearnerConfig, grad_accum_steps: int, dtype: str) -> dict[str, Any]:
+def deepspeed_config(cfg: LearnerConfig, dtype: str) -> dict[str, Any]:
+    """The engine's config. The number of micro-batches per optimizer step varies (token
+    budgets), so the actor marks the accumulation boundary itself, and DeepSpeed's own
+    count stays at 1; the losses are already shares of the mini-batch mean, never divided
+    by an accumulation count."""
     return {
         # bf16 weights: DeepSpeed keeps fp32 master weights and optimizer state.
         "bf16": {"enabled": dtype == "bfloat16"},
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
+        "train_micro_batch_size_per_gpu": max(1, cfg.micro_batch_size),
+        "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "steps_per_print": 2**31 - 1,
@@ -44,8 +48,13 @@ def free_port() -> int:
 
 class Learner:
     def __init__(self, rank: int, world_size: int, model_path: str, model_cfg: ModelConfig,
-                 cfg: LearnerConfig, algo: AlgorithmConfig, temperature: float, seed: int):
+                 cfg: LearnerConfig, algo: AlgorithmConfig, temperature: float, seed: int,
+                 total_optimizer_steps: int = 0):
+        """``total_optimizer_steps``: optimizer steps of the whole run, the length of the
+        learning-rate decay (trainer.total_steps * mini_batches_per_step * epochs_per_step);
+        0: unknown, so the rate stays constant after the warm-up."""
         self.rank = rank
+        self.total_optimizer_steps = total_optimizer_steps
         self.world_size = world_size
         self.model_path = model_path
         self.model_cfg = model_cfg
@@ -62,10 +71,17 @@ class Learner:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, master_addr: str, master_port: int, grad_accum_steps: int) -> int:
+    def setup(self, master_addr: str, master_port: int, grad_accum_steps: int | None = None) -> int:
+        """Join the process group, load the model, build the engine.
+
+        ``grad_accum_steps`` is not used: each mini-batch marks its own accumulation
+        boundary, however many micro-batches it has.
+        """
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
+
+        from learner.schedule import lambda_lr
 
         os.environ.update({
             "RANK": str(self.rank), "WORLD_SIZE": str(self.world_size),
@@ -83,12 +99,24 @@ class Learner:
             self.model_path, **_dtype_kwarg(getattr(torch, self.model_cfg.dtype)))
         if torch.cuda.is_available():
             model = model.cuda()
+        model.config.use_cache = False  # a KV cache is useless in training and costs memory
+        if self.cfg.gradient_checkpointing:
+            # Non-reentrant: works with inputs that need no grad and with ZeRO-3's hooks.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr,
                                       betas=tuple(self.cfg.betas),
                                       weight_decay=self.cfg.weight_decay)
+        cfg = self.cfg
+
+        def scheduler(basic_optimizer):
+            # DeepSpeed steps it after every optimizer step and keeps it in checkpoints.
+            return lambda_lr(basic_optimizer, scheduler=cfg.lr_scheduler,
+                             warmup_steps=cfg.lr_warmup_steps,
+                             total_steps=self.total_optimizer_steps, min_lr_ratio=cfg.min_lr_ratio)
+
         self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer,
-            config=deepspeed_config(self.cfg, grad_accum_steps, self.model_cfg.dtype))
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg, self.model_cfg.dtype))
         return self.rank
 
     # -- training -------------------------------------------------------------------
@@ -99,54 +127,69 @@ class Learner:
 
         engine = self.engine
         engine.train()
-        device = engine.device
-        shard.mini_batches = [_to_device(mini, device) for mini in shard.mini_batches]
         steps = 0
-
         boundary_grad_norm = None
+        lr_used = None
 
-        def backward(loss) -> None:
-            nonlocal boundary_grad_norm
+        def backward(loss, boundary: bool) -> None:
+            nonlocal boundary_grad_norm, lr_used
+            # Set before the backward: ZeRO decides there whether to reduce the gradients.
+            engine.set_gradient_accumulation_boundary(boundary)
             engine.backward(loss, scale_wrt_gas=False)
-            if engine.is_gradient_accumulation_boundary() and self.cfg.zero_stage == 0:
+            if boundary and self.cfg.zero_stage == 0:
                 # Without ZeRO, DeepSpeed does not record the norm; the gradients are
                 # whole and already averaged over ranks here, before step() clips them.
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                 boundary_grad_norm = float(torch.linalg.vector_norm(
                     torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-            # DeepSpeed counts micro-steps and only clips, steps and zeroes at the
-            # accumulation boundary; the step count per mini-batch equals its
-            # gradient_accumulation_steps by construction.
+            if boundary:
+                lr_used = float(engine.get_lr()[0])  # the scheduler moves on inside step()
+            # Off the boundary, step() only counts the micro-step; on it, it clips, steps
+            # the optimizer and the scheduler, and zeroes the gradients: one optimizer
+            # step per mini-batch, on every rank.
             engine.step()
 
         def optimizer_step() -> dict[str, float]:
             nonlocal steps
             steps += 1
+            metrics = {"actor/lr": lr_used}
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is None:
                 grad_norm = boundary_grad_norm
-            return {"actor/grad_norm": float(grad_norm)} if grad_norm is not None else {}
+            if grad_norm is not None:
+                metrics["actor/grad_norm"] = float(grad_norm)
+            return metrics
 
         metrics = train_on_shard(
-            engine.module, shard, self.algo, micro_batch_size=self.cfg.micro_batch_size,
-            temperature=self.temperature, world_size=self.world_size,
-            backward=backward, optimizer_step=optimizer_step)
-        metrics["actor/lr"] = float(self.cfg.lr)
+            engine.module, shard, self.algo, temperature=self.temperature,
+            world_size=self.world_size, backward=backward, optimizer_step=optimizer_step,
+            logits_chunk_tokens=self.cfg.logits_chunk_tokens)
         return LearnerStepResult(rank=self.rank, metrics=metrics, num_optimizer_steps=steps)
 
-    def compute_log_probs(self, batch: TrainBatch):
-        """log pi_theta of each response token under the current weights (no grad)."""
+    def compute_log_probs(self, batch: RaggedBatch | TrainBatch):
+        """log pi_theta of each response token under the current weights (no grad), ``(B, R)``
+        with R the longest response; padding reads 0."""
         import torch
 
-        from learner import token_stats
-        from learner.step import response_logits
+        from learner.batch import micro_batch_rows
+        from learner.step import response_token_stats
 
         self.engine.eval()
+        module = self.engine.module
+        device = next(module.parameters()).device
+        kwargs = dict(temperature=self.temperature, proxy_min_p=None, proxy_temperature=1.0,
+                      compute_entropy=False, logits_chunk_tokens=self.cfg.logits_chunk_tokens)
         with torch.no_grad():
-            batch = _to_device(batch, self.engine.device)
-            stats = token_stats(response_logits(self.engine.module, batch), batch.response_ids,
-                                temperature=self.temperature, compute_entropy=False)
-        return stats.log_prob.cpu()
+            if isinstance(batch, TrainBatch):
+                return response_token_stats(module, batch.to(device), **kwargs).log_prob.cpu()
+            # Micro-batches as in training, so memory stays within the same budget.
+            out = torch.zeros(len(batch), max(1, int(batch.response_lengths.max())))
+            for rows in micro_batch_rows(batch, micro_batch_size=self.cfg.micro_batch_size,
+                                         max_tokens_per_micro_batch=self.cfg.max_tokens_per_micro_batch):
+                micro = batch.select(rows).pad().to(device)
+                log_prob = response_token_stats(module, micro, **kwargs).log_prob
+                out[rows, :log_prob.shape[1]] = log_prob.cpu().to(out.dtype) * micro.response_mask.cpu()
+        return out
 
     # -- weight export ------------------------------------------------------------------
     def _full_parameters(self):
@@ -271,11 +314,3 @@ def _dtype_kwarg(dtype) -> dict:
     major = int(transformers.__version__.split(".")[0])
     return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
 
-
-def _to_device(batch: TrainBatch, device) -> TrainBatch:
-    import torch
-
-    if str(device) == "cpu":
-        return batch
-    return TrainBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                         for k, v in vars(batch).items()})

@@ -1,4 +1,13 @@
-"""The driver -> learner message: padded tensors for one shard of a rollout batch."""
+"""The driver -> learner messages and the micro-batch plan.
+
+The driver sends one ``RaggedBatch`` per step: every sequence's tokens back to back, with
+no padding, so a step with a few very long responses does not pay for them in every row.
+``shard_for_learners`` cuts it into mini-batches, each mini-batch across the learner ranks,
+and each rank's share into micro-batches; it sees every rank at once, so it can give every
+rank the same number of micro-batches per mini-batch (under ZeRO-3 every forward is a
+collective). Each micro-batch pads itself (``RaggedBatch.pad``) into a ``TrainBatch`` on
+the learner, only as wide as its own longest prompt and response.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ from rollout.types import Sample
 
 @dataclass
 class TrainBatch:
-    """Sequences laid out as [left-padded prompt | right-padded response].
+    """One micro-batch laid out as [left-padded prompt | right-padded response].
 
     With every prompt ending at the same column ``prompt_length``, the logits that
     predict the response are one contiguous slice for the whole batch.
@@ -47,67 +56,237 @@ class TrainBatch:
     def num_tokens(self) -> float:
         return float(self.response_mask.sum())
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return TrainBatch(**{f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                             for f in fields(self) for v in (getattr(self, f.name),)})
+
+
+@dataclass
+class RaggedBatch:
+    """Sequences without padding: the driver -> learner message of one step.
+
+    Prompts (and responses) lie back to back in one flat tensor each, cut by their
+    lengths: a few flat tensors pickle far faster than thousands of small ones.
+    """
+
+    prompt_tokens: torch.Tensor  # (sum of prompt lengths,) long
+    prompt_lengths: torch.Tensor  # (B,) long
+    response_tokens: torch.Tensor  # (sum of response lengths,) long
+    response_lengths: torch.Tensor  # (B,) long
+    rollout_log_probs: torch.Tensor  # (sum of response lengths,) aligned with response_tokens
+    advantages: torch.Tensor  # (B,) one value per response
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return self.prompt_lengths.shape[0]
+
+    def num_tokens(self) -> float:
+        """Response tokens: what the token-mean losses divide by."""
+        return float(self.response_lengths.sum())
+
+    def sequence_lengths(self) -> list[int]:
+        """Prompt + response tokens of each sequence."""
+        return (self.prompt_lengths + self.response_lengths).tolist()
+
+    def select(self, rows: list[int] | range) -> RaggedBatch:
+        """The sequences ``rows``, in that order."""
+        rows = list(rows)
+        prompt_starts = _starts(self.prompt_lengths)
+        response_starts = _starts(self.response_lengths)
+        prompt_parts, response_parts, log_prob_parts = [], [], []
+        for row in rows:
+            p0, p1 = prompt_starts[row], prompt_starts[row + 1]
+            r0, r1 = response_starts[row], response_starts[row + 1]
+            prompt_parts.append(self.prompt_tokens[p0:p1])
+            response_parts.append(self.response_tokens[r0:r1])
+            log_prob_parts.append(self.rollout_log_probs[r0:r1])
+        index = torch.tensor(rows, dtype=torch.long)
+        return RaggedBatch(
+            prompt_tokens=_cat(prompt_parts, self.prompt_tokens),
+            prompt_lengths=self.prompt_lengths[index],
+            response_tokens=_cat(response_parts, self.response_tokens),
+            response_lengths=self.response_lengths[index],
+            rollout_log_probs=_cat(log_prob_parts, self.rollout_log_probs),
+            advantages=self.advantages[index],
+            pad_token_id=self.pad_token_id,
+        )
+
+    def pad(self) -> TrainBatch:
+        """These sequences as a ``TrainBatch``, padded to their own longest prompt and response."""
+        if len(self) == 0:
+            raise ValueError("cannot pad an empty batch")
+        prompt_lengths = self.prompt_lengths.tolist()
+        response_lengths = self.response_lengths.tolist()
+        prompt_length = max(prompt_lengths)
+        response_length = max(1, max(response_lengths))
+        batch, total = len(self), prompt_length + response_length
+        dtype = self.advantages.dtype
+
+        input_ids = torch.full((batch, total), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, total), dtype=torch.long)
+        response_mask = torch.zeros((batch, response_length), dtype=dtype)
+        rollout_log_probs = torch.zeros((batch, response_length), dtype=dtype)
+        p_start, r_start = 0, 0
+        for row, (p_len, r_len) in enumerate(zip(prompt_lengths, response_lengths, strict=True)):
+            left = prompt_length - p_len
+            input_ids[row, left:prompt_length] = self.prompt_tokens[p_start:p_start + p_len]
+            attention_mask[row, left:prompt_length + r_len] = 1
+            response = self.response_tokens[r_start:r_start + r_len]
+            input_ids[row, prompt_length:prompt_length + r_len] = response
+            response_mask[row, :r_len] = 1
+            rollout_log_probs[row, :r_len] = self.rollout_log_probs[r_start:r_start + r_len]
+            p_start, r_start = p_start + p_len, r_start + r_len
+        # Positions count real tokens only, so left padding does not shift the prompt.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return TrainBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            response_ids=input_ids[:, prompt_length:].clone(),
+            response_mask=response_mask,
+            advantages=self.advantages,
+            rollout_log_probs=rollout_log_probs,
+            prompt_length=prompt_length,
+        )
+
+
+def _starts(lengths: torch.Tensor) -> list[int]:
+    return [0, *lengths.cumsum(0).tolist()]
+
+
+def _cat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts) if parts else like.new_empty(0)
+
 
 def build_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_token_id: int,
-                      dtype: torch.dtype = torch.float32) -> TrainBatch:
-    """Pad the samples of one step into a ``TrainBatch``."""
+                      dtype: torch.dtype = torch.float32) -> RaggedBatch:
+    """The samples of one step as a ``RaggedBatch``; ``dtype`` is that of the float fields."""
     if not samples:
         raise ValueError("cannot build a training batch from zero samples")
-    prompt_length = max(len(s.prompt_token_ids) for s in samples)
-    response_length = max(1, max(len(s.response_token_ids) for s in samples))
-    batch = len(samples)
-    total = prompt_length + response_length
-
-    input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, total), dtype=torch.long)
-    response_mask = torch.zeros((batch, response_length), dtype=dtype)
-    rollout_log_probs = torch.zeros((batch, response_length), dtype=dtype)
     for row, sample in enumerate(samples):
-        prompt, response = sample.prompt_token_ids, sample.response_token_ids
-        if len(sample.response_logprobs) != len(response):
-            raise ValueError(f"sample {row}: {len(response)} response tokens but "
+        if len(sample.response_logprobs) != len(sample.response_token_ids):
+            raise ValueError(f"sample {row}: {len(sample.response_token_ids)} response tokens but "
                              f"{len(sample.response_logprobs)} log-probs")
-        p_start = prompt_length - len(prompt)
-        input_ids[row, p_start:prompt_length] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, p_start:prompt_length] = 1
-        if response:
-            end = prompt_length + len(response)
-            input_ids[row, prompt_length:end] = torch.tensor(response, dtype=torch.long)
-            attention_mask[row, prompt_length:end] = 1
-            response_mask[row, : len(response)] = 1
-            rollout_log_probs[row, : len(response)] = torch.tensor(
-                sample.response_logprobs, dtype=dtype)
-    # Positions count real tokens only, so left padding does not shift the prompt.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return TrainBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        response_ids=input_ids[:, prompt_length:].clone(),
-        response_mask=response_mask,
-        advantages=advantages.to(dtype),
-        rollout_log_probs=rollout_log_probs,
-        prompt_length=prompt_length,
+
+    def flat(lists, tensor_dtype):
+        return torch.tensor([x for values in lists for x in values], dtype=tensor_dtype)
+
+    def lengths(lists):
+        return torch.tensor([len(values) for values in lists], dtype=torch.long)
+
+    prompts = [s.prompt_token_ids for s in samples]
+    responses = [s.response_token_ids for s in samples]
+    return RaggedBatch(
+        prompt_tokens=flat(prompts, torch.long),
+        prompt_lengths=lengths(prompts),
+        response_tokens=flat(responses, torch.long),
+        response_lengths=lengths(responses),
+        rollout_log_probs=flat([s.response_logprobs for s in samples], dtype),
+        advantages=advantages.reshape(-1).to(dtype),
+        pad_token_id=pad_token_id,
     )
 
 
 @dataclass
 class LearnerShard:
-    """What one learner rank trains on in one step: its part of every mini-batch."""
+    """What one learner rank trains on in one step: its part of every mini-batch.
 
-    mini_batches: list[TrainBatch]
+    ``mini_batches[k]`` is this rank's share of mini-batch k, already cut into
+    micro-batches; every rank has the same number of micro-batches in mini-batch k.
+    """
+
+    mini_batches: list[list[RaggedBatch]]
     # Response tokens and sequences of each mini-batch summed over all ranks, so the
     # per-rank losses add up to the mean over the whole mini-batch.
     global_num_tokens: list[float]
     global_num_seqs: list[float]
 
 
-def shard_for_learners(batch: TrainBatch, num_mini_batches: int,
-                       num_ranks: int) -> list[LearnerShard]:
-    """Split a step's batch into mini-batches, then each mini-batch across ranks.
+def padded_cost(lengths: list[tuple[int, int]]) -> int:
+    """Tokens of a micro-batch once padded: rows x (longest prompt + longest response)."""
+    if not lengths:
+        return 0
+    return len(lengths) * (max(p for p, _ in lengths) + max(r for _, r in lengths))
 
-    Rank r takes rows r, r + num_ranks, ... of each mini-batch, so every rank sees
-    the same number of sequences and takes the same number of optimizer steps.
+
+def _fill(order: list[int], lengths: list[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Greedy: take sequences in ``order`` into a micro-batch while its padded cost fits.
+
+    A sequence that alone exceeds the budget gets a micro-batch of its own.
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest_prompt = longest_response = 0
+    for index in order:
+        prompt, response = lengths[index]
+        wider_prompt, wider_response = max(longest_prompt, prompt), max(longest_response, response)
+        if current and (len(current) + 1) * (wider_prompt + wider_response) > budget:
+            groups.append(current)
+            current, wider_prompt, wider_response = [], prompt, response
+        current.append(index)
+        longest_prompt, longest_response = wider_prompt, wider_response
+    if current:
+        groups.append(current)
+    return groups
+
+
+def micro_batches_needed(lengths: list[tuple[int, int]], max_tokens: int) -> int:
+    """How many micro-batches of at most ``max_tokens`` padded tokens these sequences need."""
+    return len(_fill(_longest_first(lengths), lengths, max_tokens))
+
+
+def _longest_first(lengths: list[tuple[int, int]]) -> list[int]:
+    return sorted(range(len(lengths)), key=lambda i: (-(lengths[i][0] + lengths[i][1]), i))
+
+
+def split_by_tokens(lengths: list[tuple[int, int]], count: int) -> list[list[int]]:
+    """Exactly ``count`` non-empty micro-batches of sequences grouped by length.
+
+    Sequences sorted longest first are cut into ``count`` contiguous runs, so each
+    micro-batch holds sequences of similar length and pads little; the cut minimises
+    the largest padded cost (binary search on that cost, then greedy filling). Needs
+    ``1 <= count <= len(lengths)``.
+    """
+    if not 1 <= count <= len(lengths):
+        raise ValueError(f"cannot split {len(lengths)} sequences into {count} micro-batches")
+    order = _longest_first(lengths)
+    low, high = 1, padded_cost(lengths)
+    while low < high:
+        cap = (low + high) // 2
+        if len(_fill(order, lengths, cap)) <= count:
+            high = cap
+        else:
+            low = cap + 1
+    groups = _fill(order, lengths, low)
+    # The cheapest cap may need fewer runs than asked: split the costliest until it fits.
+    while len(groups) < count:
+        widest = max((g for g in groups if len(g) > 1),
+                     key=lambda g: padded_cost([lengths[i] for i in g]))
+        at = groups.index(widest)
+        half = len(widest) // 2
+        groups[at:at + 1] = [widest[:half], widest[half:]]
+    return groups
+
+
+def shard_for_learners(batch: RaggedBatch, num_mini_batches: int, num_ranks: int, *,
+                       micro_batch_size: int = 0,
+                       max_tokens_per_micro_batch: int = 0) -> list[LearnerShard]:
+    """Split a step's batch into mini-batches, each across ranks, each rank's share into micro-batches.
+
+    Mini-batch k is rows ``k * size : (k + 1) * size`` of the batch; every rank gets the
+    same number of its sequences, so every rank takes the same number of optimizer steps.
+
+    Micro-batches, the same number on every rank in each mini-batch:
+    - ``max_tokens_per_micro_batch == 0`` (count-based): rank r takes rows r, r + num_ranks,
+      ... of the mini-batch, cut into runs of ``micro_batch_size`` sequences (0: one
+      micro-batch per rank and mini-batch).
+    - ``max_tokens_per_micro_batch > 0`` (token budget): the mini-batch's sequences, longest
+      first, are dealt to the ranks in a snake order (0, 1, ..., R-1, R-1, ..., 0, ...), which
+      balances the ranks' tokens. The micro-batch count is the largest number any rank needs
+      to keep each micro-batch's padded size (rows x (longest prompt + longest response))
+      within the budget; each rank then cuts its sequences, grouped by length, into that many
+      micro-batches. A sequence longer than the budget on its own is a micro-batch of its own:
+      it is never truncated, so the budget bounds memory only up to the longest sequence.
     """
     size = len(batch)
     if size % (num_mini_batches * num_ranks):
@@ -115,12 +294,51 @@ def shard_for_learners(batch: TrainBatch, num_mini_batches: int,
             f"{size} sequences per step cannot be split into {num_mini_batches} "
             f"mini-batches over {num_ranks} learner ranks")
     mini_size = size // num_mini_batches
+    lengths = list(zip(batch.prompt_lengths.tolist(), batch.response_lengths.tolist(), strict=True))
     shards = [LearnerShard([], [], []) for _ in range(num_ranks)]
     for k in range(num_mini_batches):
-        mini = batch.select(slice(k * mini_size, (k + 1) * mini_size))
-        tokens, seqs = mini.num_tokens(), float(len(mini))
+        rows = list(range(k * mini_size, (k + 1) * mini_size))
+        tokens = float(sum(lengths[i][1] for i in rows))
+        if max_tokens_per_micro_batch > 0:
+            plan = _token_budget_plan(rows, lengths, num_ranks, max_tokens_per_micro_batch)
+        else:
+            plan = _count_plan(rows, num_ranks, micro_batch_size)
         for rank in range(num_ranks):
-            shards[rank].mini_batches.append(mini.select(slice(rank, None, num_ranks)))
+            shards[rank].mini_batches.append([batch.select(micro) for micro in plan[rank]])
             shards[rank].global_num_tokens.append(tokens)
-            shards[rank].global_num_seqs.append(seqs)
+            shards[rank].global_num_seqs.append(float(mini_size))
     return shards
+
+
+def micro_batch_rows(batch: RaggedBatch, *, micro_batch_size: int = 0,
+                     max_tokens_per_micro_batch: int = 0) -> list[list[int]]:
+    """Rows of each micro-batch when one rank takes the whole batch (e.g. a no-grad pass)."""
+    rows = list(range(len(batch)))
+    if max_tokens_per_micro_batch > 0:
+        lengths = list(zip(batch.prompt_lengths.tolist(), batch.response_lengths.tolist(), strict=True))
+        return _token_budget_plan(rows, lengths, 1, max_tokens_per_micro_batch)[0]
+    return _count_plan(rows, 1, micro_batch_size)[0]
+
+
+def _count_plan(rows: list[int], num_ranks: int, micro_batch_size: int) -> list[list[list[int]]]:
+    plan = []
+    for rank in range(num_ranks):
+        mine = rows[rank::num_ranks]
+        step = micro_batch_size or len(mine)
+        plan.append([mine[i:i + step] for i in range(0, len(mine), step)])
+    return plan
+
+
+def _token_budget_plan(rows: list[int], lengths: list[tuple[int, int]], num_ranks: int,
+                       max_tokens: int) -> list[list[list[int]]]:
+    longest_first = sorted(rows, key=lambda i: (-(lengths[i][0] + lengths[i][1]), i))
+    per_rank: list[list[int]] = [[] for _ in range(num_ranks)]
+    for position, row in enumerate(longest_first):
+        lap, offset = divmod(position, num_ranks)
+        per_rank[offset if lap % 2 == 0 else num_ranks - 1 - offset].append(row)
+    count = max(micro_batches_needed([lengths[i] for i in mine], max_tokens) for mine in per_rank)
+    plan = []
+    for mine in per_rank:
+        groups = split_by_tokens([lengths[i] for i in mine], count)
+        plan.append([[mine[i] for i in group] for group in groups])
+    return plan

@@ -13,6 +13,7 @@ import torch
 
 from conf.schema import AlgorithmConfig
 from learner.batch import LearnerShard, TrainBatch
+from learner.token_stats import TokenStats, head_token_stats, token_stats
 
 
 def response_logits(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
@@ -27,6 +28,53 @@ def response_logits(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
     return out.logits[:, :-1, :]
 
 
+def response_hidden_states(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+    """Final (normalised) hidden states at the positions that predict each response token: (B, R, H).
+
+    Through the model's own forward, so that hooks on the whole model (ZeRO-3's parameter
+    gathering) see an ordinary call; ``logits_to_keep=1`` leaves one position of logits.
+    """
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, logits_to_keep=1, use_cache=False,
+                output_hidden_states=True)
+    start = batch.prompt_length - 1
+    return out.hidden_states[-1][:, start:start + batch.response_length, :]
+
+
+def response_token_stats(model: torch.nn.Module, batch: TrainBatch, *, temperature: float,
+                         proxy_min_p: float | None, proxy_temperature: float,
+                         compute_entropy: bool, logits_chunk_tokens: int = 0) -> TokenStats:
+    """Per-token statistics of the response tokens, ``(B, R)`` each.
+
+    ``logits_chunk_tokens == 0``: from the full ``(B, R, V)`` logits. Otherwise the output
+    projection runs on at most that many positions at a time (``head_token_stats``), and only
+    on real response tokens; padded positions read 0.
+    """
+    kwargs = dict(temperature=temperature, proxy_min_p=proxy_min_p,
+                  proxy_temperature=proxy_temperature, compute_entropy=compute_entropy)
+    if logits_chunk_tokens <= 0:
+        return token_stats(response_logits(model, batch), batch.response_ids, **kwargs)
+    hidden = response_hidden_states(model, batch)
+    valid = batch.response_mask.reshape(-1) > 0
+    rows = valid.nonzero().squeeze(-1)
+    if rows.numel() == 0:
+        # Keep the loss connected to the weights, or a ZeRO backward would wait forever
+        # for this rank's gradients; position 0 is masked out by the loss anyway.
+        rows = rows.new_zeros(1)
+    stats = head_token_stats(hidden.reshape(-1, hidden.shape[-1])[rows], model.get_output_embeddings(),
+                             batch.response_ids.reshape(-1)[rows], chunk_tokens=logits_chunk_tokens,
+                             **kwargs)
+
+    def unflatten(values: torch.Tensor | None) -> torch.Tensor | None:
+        if values is None:
+            return None
+        full = values.new_zeros(valid.shape[0]).index_copy(0, rows, values)
+        return full.view(batch.response_ids.shape)
+
+    return TokenStats(log_prob=unflatten(stats.log_prob), entropy=unflatten(stats.entropy),
+                      proxy_log_prob=unflatten(stats.proxy_log_prob))
+
+
 def is_on_policy(algo: AlgorithmConfig) -> bool:
     """Each rollout batch is used for exactly one optimizer step."""
     return algo.mini_batches_per_step == 1 and algo.epochs_per_step == 1
@@ -36,28 +84,17 @@ def needs_proxy(algo: AlgorithmConfig) -> bool:
     return algo.loss == "lp_reg"
 
 
-def micro_batches(batch: TrainBatch, micro_batch_size: int) -> list[TrainBatch]:
-    return [batch.select(slice(i, i + micro_batch_size))
-            for i in range(0, len(batch), micro_batch_size)]
-
-
 @torch.no_grad()
-def fill_old_log_probs(model: torch.nn.Module, batch: TrainBatch, algo: AlgorithmConfig,
-                       micro_batch_size: int, temperature: float) -> None:
+def fill_old_log_probs(model: torch.nn.Module, micro: TrainBatch, algo: AlgorithmConfig,
+                       temperature: float, logits_chunk_tokens: int = 0) -> None:
     """Off-policy path: one no-grad pass for log pi_old and the Lp-Reg proxy."""
-    from learner import token_stats
-
-    old, proxy = [], []
-    for micro in micro_batches(batch, micro_batch_size):
-        stats = token_stats(
-            response_logits(model, micro), micro.response_ids, temperature=temperature,
-            proxy_min_p=algo.lp_reg_min_p if needs_proxy(algo) else None,
-            proxy_temperature=algo.lp_reg_temperature, compute_entropy=False)
-        old.append(stats.log_prob)
-        if stats.proxy_log_prob is not None:
-            proxy.append(stats.proxy_log_prob)
-    batch.old_log_probs = torch.cat(old)
-    batch.proxy_log_probs = torch.cat(proxy) if proxy else None
+    stats = response_token_stats(
+        model, micro, temperature=temperature,
+        proxy_min_p=algo.lp_reg_min_p if needs_proxy(algo) else None,
+        proxy_temperature=algo.lp_reg_temperature, compute_entropy=False,
+        logits_chunk_tokens=logits_chunk_tokens)
+    micro.old_log_probs = stats.log_prob
+    micro.proxy_log_probs = stats.proxy_log_prob
 
 
 def mismatch_metrics(learner_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
@@ -77,23 +114,31 @@ def train_on_shard(
     shard: LearnerShard,
     algo: AlgorithmConfig,
     *,
-    micro_batch_size: int,
     temperature: float,
     world_size: int,
-    backward: Callable[[torch.Tensor], None],
+    backward: Callable[[torch.Tensor, bool], None],
     optimizer_step: Callable[[], dict[str, float]],
+    logits_chunk_tokens: int = 0,
 ) -> dict[str, float]:
     """Every optimizer step of one learner step on this rank's shard.
+
+    ``backward(loss, boundary)`` runs once per micro-batch; ``boundary`` is True on the
+    last micro-batch of a mini-batch, after which ``optimizer_step()`` runs. Micro-batches
+    come planned in the shard (``shard_for_learners``) and are padded here, one at a time.
 
     Returns metrics averaged over micro-batches (and, for ``optimizer_step``'s
     metrics, over optimizer steps).
     """
-    from learner import LossInputs, policy_loss, token_stats
+    from learner import LossInputs, policy_loss
 
+    device = next(model.parameters()).device
+    # Token ids only: small next to the activations, and padded once for every epoch.
+    padded = [[micro.pad().to(device) for micro in mini] for mini in shard.mini_batches]
     on_policy = is_on_policy(algo)
     if not on_policy:
-        for mini in shard.mini_batches:
-            fill_old_log_probs(model, mini, algo, micro_batch_size, temperature)
+        for mini in padded:
+            for micro in mini:
+                fill_old_log_probs(model, micro, algo, temperature, logits_chunk_tokens)
 
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -104,14 +149,14 @@ def train_on_shard(
             counts[key] += 1
 
     for _ in range(algo.epochs_per_step):
-        for mini, num_tokens, num_seqs in zip(shard.mini_batches, shard.global_num_tokens,
+        for mini, num_tokens, num_seqs in zip(padded, shard.global_num_tokens,
                                               shard.global_num_seqs, strict=True):
-            for micro in micro_batches(mini, micro_batch_size):
-                stats = token_stats(
-                    response_logits(model, micro), micro.response_ids,
-                    temperature=temperature,
+            for index, micro in enumerate(mini):
+                stats = response_token_stats(
+                    model, micro, temperature=temperature,
                     proxy_min_p=algo.lp_reg_min_p if on_policy and needs_proxy(algo) else None,
-                    proxy_temperature=algo.lp_reg_temperature, compute_entropy=True)
+                    proxy_temperature=algo.lp_reg_temperature, compute_entropy=True,
+                    logits_chunk_tokens=logits_chunk_tokens)
                 # On-policy fast path: pi_old is the policy of this very forward pass.
                 old_log_prob = stats.log_prob.detach() if on_policy else micro.old_log_probs
                 proxy = stats.proxy_log_prob if on_policy else micro.proxy_log_probs
@@ -122,7 +167,7 @@ def train_on_shard(
                                             global_num_seqs=num_seqs)
                 # DeepSpeed averages gradients over ranks; the loss is already a share of
                 # the global mean, so undo the average.
-                backward(loss * world_size)
+                backward(loss * world_size, index == len(mini) - 1)
                 record(metrics)
                 record(mismatch_metrics(old_log_prob.detach(), micro.rollout_log_probs,
                                         micro.response_mask))

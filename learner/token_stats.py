@@ -16,6 +16,10 @@ and entropy); it saves the logits themselves (which the caller already holds) in
 straight into the one ``B x L x V`` gradient tensor autograd needs anyway. Compare with
 ``log_softmax(...).gather(...)``: that keeps a full ``log_softmax`` output alive until backward
 and its backward builds two more full-size tensors (scatter of the gather, softmax term).
+
+For long sequences even one ``B x L x V`` logits tensor is too much: ``head_token_stats``
+starts from the final hidden states instead and runs the output projection and
+``token_stats`` a chunk of positions at a time, forward and backward.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from learner.proxy import (
     proxy_from_shifted,
 )
 
-__all__ = ["TokenStats", "token_stats"]
+__all__ = ["TokenStats", "head_token_stats", "token_stats"]
 
 
 @dataclass
@@ -180,4 +184,69 @@ def token_stats(
         log_prob=log_prob.view(shape),
         entropy=None if entropy is None else entropy.view(shape),
         proxy_log_prob=None if proxy is None else proxy.view(shape),
+    )
+
+
+def _head_chunk_stats(
+    hidden: Tensor,
+    head: torch.nn.Module,
+    ids: Tensor,
+    temperature: float,
+    proxy_min_p: float | None,
+    proxy_temperature: float,
+    compute_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    stats = token_stats(head(hidden), ids, temperature=temperature, proxy_min_p=proxy_min_p,
+                        proxy_temperature=proxy_temperature, compute_entropy=compute_entropy)
+    empty = stats.log_prob.new_empty(0)
+    return (stats.log_prob,
+            empty if stats.entropy is None else stats.entropy,
+            empty if stats.proxy_log_prob is None else stats.proxy_log_prob)
+
+
+def head_token_stats(
+    hidden: Tensor,
+    head: torch.nn.Module,
+    token_ids: Tensor,
+    *,
+    chunk_tokens: int,
+    temperature: float = 1.0,
+    proxy_min_p: float | None = None,
+    proxy_temperature: float = 1.0,
+    compute_entropy: bool = True,
+) -> TokenStats:
+    """``token_stats`` of ``head(hidden)``, never holding more than ``chunk_tokens`` rows of logits.
+
+    ``hidden``: ``(N, H)`` final hidden states at the positions that predict ``token_ids``
+    (``(N,)``); ``head``: the output projection (``model.get_output_embeddings()``), called as a
+    module so that ZeRO-3 gathers its weight. Each chunk of positions goes through the head
+    and ``token_stats`` under ``torch.utils.checkpoint``: the forward keeps only per-token
+    numbers, and the backward recomputes one chunk's logits at a time. The cost is one more
+    projection per chunk; the saving is the ``N x V`` logits and their gradient.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if hidden.dim() != 2 or token_ids.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and token_ids {tuple(token_ids.shape)} do not match")
+    if chunk_tokens <= 0:
+        raise ValueError("chunk_tokens must be positive")
+    args = (float(temperature), proxy_min_p, float(proxy_temperature), compute_entropy)
+    track = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        chunk, ids = hidden[start:start + chunk_tokens], token_ids[start:start + chunk_tokens]
+        if track:
+            parts.append(checkpoint(_head_chunk_stats, chunk, head, ids, *args, use_reentrant=False))
+        else:
+            parts.append(_head_chunk_stats(chunk, head, ids, *args))
+    if not parts:
+        dtype = compute_dtype(hidden.dtype)
+        empty = hidden.new_empty(0, dtype=dtype)
+        parts = [(empty, empty, empty)]
+    log_prob, entropy, proxy = (torch.cat(column) for column in zip(*parts, strict=True))
+    return TokenStats(
+        log_prob=log_prob,
+        entropy=entropy if compute_entropy else None,
+        proxy_log_prob=proxy if proxy_min_p is not None else None,
     )

@@ -8,31 +8,77 @@ overrides change values; they cannot add keys the schema does not know.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+# The names every choice-valued key accepts. The implementations live elsewhere
+# (learner.POLICY_LOSSES, launch.data.synthetic, ...); tests hold the two lists equal.
+POLICY_LOSSES = ("ppo_clip", "lp_reg", "gspo", "kl_cov", "clip_cov", "entropy_8020")
+ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_TYPES = ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3")
+SYNTHETIC_KINDS = ("sum", "linear", "fraction")
+CHAT_TEMPLATE_MODES = ("auto", "always", "never")
+WEIGHT_SYNC_TRANSPORTS = ("auto", "object_store", "nccl")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+DTYPES = ("float32", "bfloat16", "float16")
+DIST_BACKENDS = ("auto", "gloo", "nccl")
+ZERO_STAGES = (0, 1, 2, 3)
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric key; ``None`` leaves a side open."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def admits(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        low = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
+        high = f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}" if self.lt is not None else ""
+        return " and ".join(part for part in (low, high) if part)
+
+
+def one_of(default: Any, choices: tuple) -> Any:
+    """A key that takes one of ``choices``; the loader refuses anything else."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def within(default: Any, **bounds: float) -> Any:
+    """A numeric key with bounds (``ge``, ``gt``, ``le``, ``lt``); ``None`` passes when the
+    key's type allows it."""
+    return field(default=default, metadata={"range": Range(**bounds)})
 
 
 @dataclass
 class TinyModelConfig:
     """Shape of the model built locally when ``model.path`` is not given."""
 
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_heads: int = 2  # head_dim = hidden / heads = 64: CPU attention rejects smaller heads
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
-    max_position_embeddings: int = 256
+    num_layers: int = within(4, ge=1)
+    hidden_size: int = within(128, ge=1)
+    num_heads: int = within(2, ge=1)  # head_dim = hidden / heads = 64: CPU attention rejects smaller heads
+    num_kv_heads: int = within(2, ge=1)
+    intermediate_size: int = within(256, ge=1)
+    max_position_embeddings: int = within(256, ge=1)
     seed: int = 0
     # Supervised warm start on the synthetic task (data.synthetic). It stops early on
     # purpose, once greedy accuracy on a probe set reaches the target: RL needs a model
     # that is right sometimes, with room left to improve. 0 steps keeps the random init.
-    warm_start_steps: int = 2000  # at most
-    warm_start_target_accuracy: float = 0.25
-    warm_start_probe_every: int = 10
-    warm_start_probe_problems: int = 200
-    warm_start_batch_size: int = 64
+    warm_start_steps: int = within(2000, ge=0)  # at most
+    warm_start_target_accuracy: float = within(0.25, gt=0, le=1)
+    warm_start_probe_every: int = within(10, ge=1)
+    warm_start_probe_problems: int = within(200, ge=1)
+    warm_start_batch_size: int = within(64, ge=1)
     # A linear warm-up and a moderate rate keep the sudden jump a smooth climb: at 2e-3
     # without warm-up some seeds oscillate for thousands of steps and never make it.
-    warm_start_lr: float = 1e-3
-    warm_start_warmup_steps: int = 100
+    warm_start_lr: float = within(1e-3, gt=0)
+    warm_start_warmup_steps: int = within(100, ge=0)
 
 
 @dataclass
@@ -41,7 +87,7 @@ class ModelConfig:
     path: str | None = None
     cache_dir: str = "models"
     # float32 keeps vLLM's and the learner's log-probs equal on CPU; bfloat16 for GPUs.
-    dtype: str = "float32"
+    dtype: str = one_of("float32", DTYPES)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -51,8 +97,8 @@ class SyntheticTaskConfig:
 
     # "sum": a+b(+c...)=   "linear": solve a*x+b=c for the integer x
     # "fraction": a/b+c/d(+...)= in lowest terms
-    kind: str = "sum"
-    num_operands: int = 2
+    kind: str = one_of("sum", SYNTHETIC_KINDS)
+    num_operands: int = within(2, ge=2)
     min_operand: int = 10
     max_operand: int = 99
     seed: int = 0
@@ -64,131 +110,134 @@ class DataConfig:
     train_path: str | None = None
     # Held-out problems for evaluation; None uses fresh synthetic ones.
     eval_path: str | None = None
-    prompts_per_step: int = 32
-    max_prompt_tokens: int = 64
+    prompts_per_step: int = within(32, ge=1)
+    max_prompt_tokens: int = within(64, ge=1)
     # How prompts meet the tokenizer's chat template. "auto": through it whenever the
     # tokenizer has one (a plain string becomes one user message), as they are otherwise;
     # "always": the template is required; "never": plain strings as they are, which is
     # what base models trained on raw text expect (chat-message prompts still need it).
-    chat_template: str = "auto"
+    chat_template: str = one_of("auto", CHAT_TEMPLATE_MODES)
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
-    num_synthetic_train: int = 20000
-    num_synthetic_eval: int = 500
+    num_synthetic_train: int = within(20000, ge=1)
+    num_synthetic_eval: int = within(500, ge=0)
 
 
 @dataclass
 class RolloutConfig:
-    num_workers: int = 2
-    samples_per_prompt: int = 8  # n: the size of each GRPO group
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_response_tokens: int = 16
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    tensor_parallel_size: int = 1
+    num_workers: int = within(2, ge=1)
+    samples_per_prompt: int = within(8, ge=1)  # n: the size of each GRPO group
+    # The learner scores tokens at this temperature, so it must be above 0; greedy
+    # decoding is for evaluation (trainer.eval_temperature).
+    temperature: float = within(1.0, gt=0)
+    top_p: float = within(1.0, gt=0, le=1)
+    max_response_tokens: int = within(16, ge=1)
+    cpus_per_worker: float = within(1.0, ge=0)
+    gpus_per_worker: float = within(0.0, ge=0)
+    tensor_parallel_size: int = within(1, ge=1)
     # On CPU vLLM reads this as a fraction of the NUMA node's RAM; 0.92 fails at start-up.
-    gpu_memory_utilization: float = 0.2
+    gpu_memory_utilization: float = within(0.2, gt=0, le=1)
     # KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE).
-    cpu_kv_cache_gib: int = 1
-    max_model_len: int = 256
+    cpu_kv_cache_gib: int = within(1, ge=1)
+    max_model_len: int = within(256, ge=1)
     enforce_eager: bool = True
     # Seconds to wait for one worker's generate call before naming it and failing.
-    timeout_s: float = 600.0
+    timeout_s: float = within(600.0, gt=0)
     # Seconds to wait for an engine to start.
-    startup_timeout_s: float = 600.0
+    startup_timeout_s: float = within(600.0, gt=0)
     # "object_store" (CPU: Ray object store, then in-place reload), "nccl" (GPU: vLLM's
     # NCCL weight transfer), or "auto": nccl when the rollout workers have GPUs.
-    weight_sync: str = "auto"
+    weight_sync: str = one_of("auto", WEIGHT_SYNC_TRANSPORTS)
     # After every sync, read back a checksum of every engine's weights and log it.
     verify_weight_sync: bool = False
 
 
 @dataclass
 class LearnerConfig:
-    num_workers: int = 2
-    zero_stage: int = 0
-    micro_batch_size: int = 32  # sequences per forward pass on one learner
-    lr: float = 2e-4
-    weight_decay: float = 0.0
+    num_workers: int = within(2, ge=1)
+    zero_stage: int = one_of(0, ZERO_STAGES)
+    micro_batch_size: int = within(32, ge=1)  # sequences per forward pass on one learner
+    lr: float = within(2e-4, gt=0)
+    weight_decay: float = within(0.0, ge=0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    grad_clip: float = within(1.0, ge=0)  # 0: no clipping
+    cpus_per_worker: float = within(1.0, ge=0)
+    gpus_per_worker: float = within(0.0, ge=0)
     # "auto": nccl when the learner sees a GPU, gloo otherwise.
-    dist_backend: str = "auto"
-    timeout_s: float = 600.0
-    startup_timeout_s: float = 600.0
+    dist_backend: str = one_of("auto", DIST_BACKENDS)
+    timeout_s: float = within(600.0, gt=0)
+    startup_timeout_s: float = within(600.0, gt=0)
     # Micro-batches by a token budget instead of micro_batch_size: at most this many padded
     # tokens (rows x (longest prompt + longest response)) per forward, sequences grouped by
     # length. Long-tailed response lengths then cost memory by the budget, not by the longest
     # response times the count. 0: count-based micro-batches of micro_batch_size.
-    max_tokens_per_micro_batch: int = 0
+    max_tokens_per_micro_batch: int = within(0, ge=0)
     # Recompute each decoder layer's activations in the backward pass instead of keeping
     # them: far less activation memory for about one more forward of compute.
     gradient_checkpointing: bool = False
     # Positions whose logits exist at once: the output projection and the log-prob, entropy
     # and Lp-Reg proxy run chunk by chunk, forward and backward, so no response x vocabulary
     # logits tensor is ever whole. 0: the whole micro-batch's logits at once.
-    logits_chunk_tokens: int = 0
+    logits_chunk_tokens: int = within(0, ge=0)
     # Learning rate over optimizer steps: "constant", "linear" or "cosine" decay to
     # min_lr_ratio * lr, after a linear warm-up of lr_warmup_steps.
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    lr_scheduler: str = one_of("constant", LR_SCHEDULERS)
+    lr_warmup_steps: int = within(0, ge=0)
+    min_lr_ratio: float = within(0.0, ge=0, le=1)
 
 
 @dataclass
 class AlgorithmConfig:
-    advantage: str = "grpo"
-    loss: str = "lp_reg"
-    loss_agg_mode: str = "token-mean"
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.28
+    advantage: str = one_of("grpo", ADVANTAGE_ESTIMATORS)
+    loss: str = one_of("lp_reg", POLICY_LOSSES)
+    loss_agg_mode: str = one_of("token-mean", LOSS_AGG_MODES)
+    # The ratio is clipped to [1 - clip_ratio_low, 1 + clip_ratio_high].
+    clip_ratio_low: float = within(0.2, ge=0, le=1)
+    clip_ratio_high: float = within(0.28, ge=0)
     # Mini-batches per rollout batch and passes over it. 1 and 1 is on-policy: the
     # old log-probs and the Lp-Reg proxy then come from the training forward pass itself.
-    mini_batches_per_step: int = 1
-    epochs_per_step: int = 1
-    lp_reg_neg_frac: float = 0.01  # rho
-    lp_reg_pos_frac: float = 0.0
-    lp_reg_coef: float = 1.0  # beta
-    lp_reg_min_p: float = 0.02  # kappa
-    lp_reg_temperature: float = 1.0
-    kl_type: str = "low_var_kl"
+    mini_batches_per_step: int = within(1, ge=1)
+    epochs_per_step: int = within(1, ge=1)
+    lp_reg_neg_frac: float = within(0.01, ge=0, le=1)  # rho
+    lp_reg_pos_frac: float = within(0.0, ge=0, le=1)
+    lp_reg_coef: float = within(1.0, ge=0)  # beta
+    lp_reg_min_p: float = within(0.02, gt=0, lt=1)  # kappa
+    lp_reg_temperature: float = within(1.0, gt=0)
+    kl_type: str = one_of("low_var_kl", KL_TYPES)
     entropy_coef: float = 0.0
     # KL-Cov: fraction of valid tokens (highest advantage/log-prob covariance) that pay
     # kl_cov_coef * |log r|.
-    kl_cov_ratio: float = 0.002
-    kl_cov_coef: float = 1.0
+    kl_cov_ratio: float = within(0.002, ge=0, le=1)
+    kl_cov_coef: float = within(1.0, ge=0)
     # Clip-Cov: fraction of tokens, with covariance in (lb, ub), whose gradient is dropped.
-    clip_cov_ratio: float = 0.0002
+    clip_cov_ratio: float = within(0.0002, ge=0, le=1)
     clip_cov_lb: float = 1.0
     clip_cov_ub: float = 5.0
     # 80/20: fraction of highest-entropy tokens that train.
-    entropy_top_frac: float = 0.2
+    entropy_top_frac: float = within(0.2, gt=0, le=1)
     # seq-mean-token-sum-norm divides by this constant length; None: the padded length.
-    loss_scale_factor: float | None = None
+    loss_scale_factor: float | None = within(None, gt=0)
 
 
 @dataclass
 class VerifierConfig:
     # Hard limit per sample: a worker still scoring after this is killed; the sample scores 0.
-    timeout_s: float = 5.0
-    num_workers: int = 2
+    timeout_s: float = within(5.0, gt=0)
+    num_workers: int = within(2, ge=1)
     # "package.module:function" for a user-written reward; None uses the math verifier.
     # Called as function(response: str, answer: str) -> float, in the same worker pool.
     reward_fn: str | None = None
     # Reward of a response with no final answer is -format_penalty (math reward only).
-    format_penalty: float = 0.0
+    format_penalty: float = within(0.0, ge=0)
     # The final answer is the last \boxed{...} (or another of these commands) ...
     boxed_commands: list[str] = field(default_factory=lambda: ["boxed", "fbox"])
     # ... else the last "Answer: ..." line.
     answer_line_fallback: bool = True
     # Only this many final characters of a response are searched for the answer.
-    max_response_chars: int = 100_000
+    max_response_chars: int = within(100_000, ge=1)
     # Longer extracted answers score 0 without being parsed.
-    max_answer_chars: int = 1_000
+    max_answer_chars: int = within(1_000, ge=1)
     # Address-space limit of each worker process, in MiB; 0 for none.
-    worker_memory_mb: int = 4096
+    worker_memory_mb: int = within(4096, ge=0)
     # Reward of a response cut off at rollout.max_response_tokens, whatever it contains;
     # None scores it like any other. Without this, pushing down the end-of-sequence token
     # on wrong answers costs nothing, and responses drift to the length cap.
@@ -197,21 +246,21 @@ class VerifierConfig:
 
 @dataclass
 class TrainerConfig:
-    total_steps: int = 80
+    total_steps: int = within(80, ge=1)
     run_name: str = "demo"
     output_dir: str = "runs"
     seed: int = 0
     # Held-out evaluation: before the first and after the last step, and every
     # eval_every steps in between (0: only before and after; -1: never).
-    eval_every: int = 0
-    eval_temperature: float = 0.0  # 0 is greedy
-    eval_samples: int = 1  # k of mean@k / pass@k; 1 with temperature 0 is greedy accuracy
+    eval_every: int = within(0, ge=-1)
+    eval_temperature: float = within(0.0, ge=0)  # 0 is greedy
+    eval_samples: int = within(1, ge=1)  # k of mean@k / pass@k; 1 with temperature 0 is greedy accuracy
     # Checkpoints in <output_dir>/<run_name>/checkpoints/step_<N>/ every save_every steps
     # and after the last step (0: never): DeepSpeed state of every learner rank, the
     # sampler position, RNG states and a Hugging Face export. The newest keep_last
     # stay (0: all).
-    save_every: int = 0
-    keep_last: int = 2
+    save_every: int = within(0, ge=0)
+    keep_last: int = within(2, ge=0)
     # "never": start from model.path. "auto": continue from this run's newest complete
     # checkpoint, or start fresh when there is none. A path: continue from that
     # checkpoint (a step_<N> directory, or a checkpoints directory for its newest).
@@ -225,16 +274,16 @@ class RayConfig:
     # None: RAY_ADDRESS when set, otherwise a private local cluster.
     address: str | None = None
     # Logical CPUs of the private local cluster; None sizes it to fit every actor.
-    num_cpus: int | None = None
+    num_cpus: int | None = within(None, ge=1)
     # How each placement group spreads its bundles over nodes: PACK, SPREAD,
     # STRICT_PACK or STRICT_SPREAD.
-    placement_strategy: str = "PACK"
+    placement_strategy: str = one_of("PACK", PLACEMENT_STRATEGIES)
     # False: one placement group for the rollout workers and another for the learners,
     # so neither can take the other's CPUs or GPUs. True: rollout worker i and learner
     # rank i share bundle i; with fractional GPUs (e.g. 0.5 each) they share one GPU.
     colocate: bool = False
     # Seconds to wait for the placement groups before naming what could not be placed.
-    placement_timeout_s: float = 120.0
+    placement_timeout_s: float = within(120.0, gt=0)
 
 
 @dataclass

@@ -73,13 +73,14 @@ def run_evaluation(cfg: LpregConfig, output: str | Path | None = None) -> tuple[
     from launch.training.evaluation import evaluate
     from verifier import MathVerifier
 
-    if cfg.model.path:
-        cfg.model.path = str(checkpoint_model_dir(Path(cfg.model.path).expanduser()))
-    model_path = Path(resolve_model_path(cfg))
     if cfg.data.train_path and not cfg.data.eval_path:
         raise ConfigError("config key 'data.eval_path' is not set: lpreg eval needs the "
                           "problems to evaluate on (or neither data path, for the synthetic set)")
+    # The data first: a bad row is reported before a model is built.
     _, records = load_prompts(cfg)
+    if cfg.model.path:
+        cfg.model.path = str(checkpoint_model_dir(Path(cfg.model.path).expanduser()))
+    model_path = Path(resolve_model_path(cfg))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     records, prompt_ids, dropped = tokenize_prompts(tokenizer, records, cfg.data.max_prompt_tokens,
                                                     cfg.data.chat_template)

@@ -43,10 +43,7 @@ def _follow_to_end(server: JobServer, job_id: str) -> int:
 def _submit(args: argparse.Namespace) -> int:
     # Everything that can be checked here is checked before the cluster is contacted:
     # a config error exits with status 2 (ConfigError reaches the command line).
-    from launch.cluster.placement import check_placement_config
-
     cfg = load_config(args.config, args.overrides)
-    check_placement_config(cfg)
     project_dir = Path(args.working_dir).resolve()
     if not (project_dir / "launch" / "cli" / "__main__.py").is_file():
         raise ConfigError(f"--working-dir {project_dir} is not the lpreg project directory "

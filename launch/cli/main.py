@@ -1,4 +1,4 @@
-"""The ``lpreg`` command line: every command's parser, and one exit code per kind of failure."""
+"""The ``lpreg`` command line: every command's parser, and exit status 2 for bad input."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from conf.load import ConfigError
+from conf.errors import ConfigError
 from launch.cli import bench, bootstrap, eval, jobs, plot, train
+from launch.data.prompts import DataError
 
 EXIT_CONFIG = 2
 COMMANDS = (train, bootstrap, eval, plot, bench, jobs)
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
+        # A problem with what the user asked for, found before anything started: one
+        # line that names the key, or the file, row and field.
         print(f"lpreg: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
 

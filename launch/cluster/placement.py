@@ -10,7 +10,7 @@ With ``ray.colocate`` rollout worker ``i`` and learner rank ``i`` share bundle `
 requests (``rollout.gpus_per_worker=0.5 learner.gpus_per_worker=0.5``) they share one
 GPU.
 
-The plan is pure (``plan_placement``) so it can be checked before anything starts;
+The plan is pure (``plan_placement``); its keys are checked when the config loads;
 ``Placement.create`` asks Ray for it and fails with a message naming what did not fit.
 """
 
@@ -19,10 +19,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from conf.load import ConfigError
+from conf.errors import ConfigError
 from conf.schema import LearnerConfig, LpregConfig, RolloutConfig
-
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 Bundle = dict[str, float]
 
@@ -85,27 +83,8 @@ class PlacementPlan:
     learner_slots: list[tuple[int, int]]
 
 
-def check_placement_config(cfg: LpregConfig) -> None:
-    """The placement keys on their own, before anything is started."""
-    if cfg.ray.placement_strategy not in STRATEGIES:
-        raise ConfigError(f"config key 'ray.placement_strategy' must be one of "
-                          f"{', '.join(STRATEGIES)}, got {cfg.ray.placement_strategy!r}")
-    if cfg.ray.placement_timeout_s <= 0:
-        raise ConfigError(f"config key 'ray.placement_timeout_s' must be positive, "
-                          f"got {cfg.ray.placement_timeout_s}")
-    # Ray rejects an empty bundle, and an actor asking for nothing would not be held
-    # apart from anything anyway.
-    if not rollout_bundle(cfg.rollout):
-        raise ConfigError("config keys 'rollout.cpus_per_worker' and 'rollout.gpus_per_worker' "
-                          "are both 0; a rollout worker needs some CPU or GPU")
-    if not learner_bundle(cfg.learner):
-        raise ConfigError("config keys 'learner.cpus_per_worker' and 'learner.gpus_per_worker' "
-                          "are both 0; a learner needs some CPU or GPU")
-
-
 def plan_placement(cfg: LpregConfig) -> PlacementPlan:
     """The placement groups and which bundle each actor takes."""
-    check_placement_config(cfg)
     strategy = cfg.ray.placement_strategy
     num_rollout, num_learner = cfg.rollout.num_workers, cfg.learner.num_workers
     one_rollout, one_learner = rollout_bundle(cfg.rollout), learner_bundle(cfg.learner)

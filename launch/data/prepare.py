@@ -6,20 +6,28 @@ import logging
 from dataclasses import dataclass
 
 from conf.schema import LpregConfig
-from launch.data.prompts import PromptRecord, load_prompts_file
+from launch.data.prompts import DataError, PromptRecord, load_prompts_file
 from launch.data.synthetic import synthetic_problems
 
 log = logging.getLogger("lpreg")
 
 
+def load_prompts_for(key: str, path: str) -> list[PromptRecord]:
+    """``load_prompts_file``, with the config key that named the file in any error."""
+    try:
+        return load_prompts_file(path)
+    except DataError as err:
+        raise DataError(f"{key}: {err}") from None
+
+
 def load_prompts(cfg: LpregConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """Training prompts and held-out evaluation prompts."""
     if cfg.data.train_path:
-        train = load_prompts_file(cfg.data.train_path)
-        held_out = load_prompts_file(cfg.data.eval_path) if cfg.data.eval_path else []
+        train = load_prompts_for("data.train_path", cfg.data.train_path)
+        held_out = load_prompts_for("data.eval_path", cfg.data.eval_path) if cfg.data.eval_path else []
         return train, held_out
     if cfg.data.eval_path:
-        held_out = load_prompts_file(cfg.data.eval_path)
+        held_out = load_prompts_for("data.eval_path", cfg.data.eval_path)
     else:
         # Distinct problems from their own seed...
         candidates = synthetic_problems(cfg.data.synthetic, 4 * cfg.data.num_synthetic_eval,
@@ -43,8 +51,6 @@ def prompt_token_ids(tokenizer, record: PromptRecord, chat_template: str = "auto
     if not use_template:
         return tokenizer(record.prompt)["input_ids"]
     if not has_template:
-        from launch.data.prompts import DataError
-
         why = ("is a list of chat messages" if record.is_chat
                else "needs it (data.chat_template=always)")
         raise DataError(f"prompt '{record.id}' {why}, but the model's tokenizer has no chat "
@@ -79,8 +85,10 @@ class PreparedPrompts:
     eval_ids: list[list[int]]
 
 
-def prepare_prompts(cfg: LpregConfig, tokenizer) -> PreparedPrompts:
-    train_records, eval_records = load_prompts(cfg)
+def prepare_prompts(cfg: LpregConfig, tokenizer, train_records: list[PromptRecord],
+                    eval_records: list[PromptRecord]) -> PreparedPrompts:
+    """Tokenize what ``load_prompts`` returned (loaded first, so a bad row is reported
+    before any model is built)."""
     records, prompt_ids, dropped = tokenize_prompts(
         tokenizer, train_records, cfg.data.max_prompt_tokens, cfg.data.chat_template)
     eval_records, eval_ids, eval_dropped = tokenize_prompts(

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from conf.load import ConfigError
+from conf.errors import ConfigError
 
 log = logging.getLogger("lpreg")
 
@@ -88,13 +88,6 @@ def parse_step(name: str) -> int | None:
 def due(step: int, save_every: int, total_steps: int) -> bool:
     """Every ``save_every`` steps, and after the last one so a finished run can be evaluated."""
     return save_every > 0 and (step % save_every == 0 or step == total_steps)
-
-
-def check_settings(save_every: int, keep_last: int) -> None:
-    if save_every < 0:
-        raise ConfigError(f"config key 'trainer.save_every' must be >= 0 (0: never), got {save_every}")
-    if keep_last < 0:
-        raise ConfigError(f"config key 'trainer.keep_last' must be >= 0 (0: all), got {keep_last}")
 
 
 # -- discovery ----------------------------------------------------------------------
@@ -179,7 +172,6 @@ def plan(cfg) -> tuple[Path | None, Path]:
     whichever has the highest step.
     """
     trainer = cfg.trainer
-    check_settings(trainer.save_every, trainer.keep_last)
     run_dir = Path(trainer.output_dir) / trainer.run_name
     root = checkpoint_root(run_dir)
     resume_from = resolve_resume(trainer.resume, run_dir)

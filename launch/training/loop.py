@@ -12,7 +12,7 @@ import torch
 
 from conf.load import to_yaml
 from conf.schema import LpregConfig
-from launch.data.prepare import prepare_prompts
+from launch.data.prepare import load_prompts, prepare_prompts
 from launch.data.prompts import PromptSampler
 from launch.models.resolve import resolve_model_path
 from launch.reporting.metrics import MetricsWriter
@@ -60,12 +60,14 @@ class Trainer:
         from verifier import MathVerifier
 
         cfg = self.cfg
-        # Checkpoint problems are config problems: report them before anything is written.
+        # Everything that can be wrong with the checkpoint or the data is found before
+        # anything is written or started: a bad row costs no model build and leaves no
+        # run directory behind.
         resume_from, self.checkpoints_dir = checkpoint.plan(cfg)
-        self.run_dir = prepare_run_dir(cfg)
+        train_records, eval_records = load_prompts(cfg)
         self.model_path = resolve_model_path(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.prompts = prepare_prompts(cfg, self.tokenizer)
+        self.prompts = prepare_prompts(cfg, self.tokenizer, train_records, eval_records)
         self.sampler = PromptSampler(self.prompts.records, cfg.data.prompts_per_step,
                                      seed=cfg.trainer.seed)
         if resume_from is not None:
@@ -73,6 +75,7 @@ class Trainer:
                 checkpoint.read_state(resume_from), world_size=cfg.learner.num_workers,
                 zero_stage=cfg.learner.zero_stage, num_prompts=len(self.prompts.records),
                 where=resume_from)
+        self.run_dir = prepare_run_dir(cfg)
 
         import ray
 

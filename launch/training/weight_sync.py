@@ -108,11 +108,13 @@ def weight_transport(cfg: LpregConfig) -> str:
     return "nccl" if cfg.rollout.gpus_per_worker > 0 else "object_store"
 
 
+# rollout.weight_sync -> transport; conf.schema.WEIGHT_SYNC_TRANSPORTS adds "auto".
+TRANSPORTS: dict[str, type[WeightSync]] = {
+    "object_store": ObjectStoreWeightSync,
+    "nccl": NcclWeightSync,
+}
+
 
 def make_weight_sync(transport: str, learners: LearnerGroup, rollout: RolloutGroup,
                      timeout_s: float) -> WeightSync:
-    if transport == "object_store":
-        return ObjectStoreWeightSync(learners, rollout, timeout_s)
-    if transport == "nccl":
-        return NcclWeightSync(learners, rollout, timeout_s)
-    raise ValueError(f"rollout.weight_sync={transport!r}: expected 'object_store' or 'nccl'")
+    return TRANSPORTS[transport](learners, rollout, timeout_s)

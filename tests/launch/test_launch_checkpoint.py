@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conf.load import ConfigError
+from conf.load import ConfigError, load_config
 from conf.schema import LpregConfig
 from launch.training import checkpoint
 
@@ -138,9 +138,8 @@ def test_fresh_run_over_earlier_checkpoints_is_refused(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lpreg"):
         assert checkpoint.plan(cfg)[0].name == "step_2"
     assert "later checkpoints" in caplog.text and "step_4" in caplog.text
-    cfg.trainer.save_every = -1
     with pytest.raises(ConfigError, match="trainer.save_every"):
-        checkpoint.plan(cfg)
+        load_config(overrides=["trainer.save_every=-1"])
 
 
 def test_layout_changes_that_zero_cannot_follow_are_refused(tmp_path):

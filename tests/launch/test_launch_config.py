@@ -71,6 +71,9 @@ def test_bad_warm_start_settings_name_the_key(override, key):
         load_config(None, [override])
 
 
-def test_no_warm_start_skips_its_other_checks():
-    cfg = load_config(None, ["model.tiny.warm_start_steps=0", "model.tiny.warm_start_lr=0"])
-    assert cfg.model.tiny.warm_start_steps == 0
+def test_no_warm_start_still_needs_valid_settings():
+    # A key is judged on its own, whatever other keys say: a recipe that turns the warm
+    # start off and on again must not find a nonsense value waiting for it.
+    assert load_config(None, ["model.tiny.warm_start_steps=0"]).model.tiny.warm_start_steps == 0
+    with pytest.raises(ConfigError, match=r"model\.tiny\.warm_start_lr"):
+        load_config(None, ["model.tiny.warm_start_steps=0", "model.tiny.warm_start_lr=0"])

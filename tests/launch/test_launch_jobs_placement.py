@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conf.load import ConfigError, load_config
-from launch.cluster.placement import GroupPlan, check_placement_config, format_bundle, plan_placement
+from launch.cluster.placement import GroupPlan, format_bundle, plan_placement
 
 
 def plan(*overrides: str):
@@ -67,4 +67,4 @@ def test_descriptions_used_in_errors():
 ])
 def test_bad_placement_settings_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
-        check_placement_config(load_config(overrides=overrides))
+        load_config(overrides=overrides)

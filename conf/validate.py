@@ -1,0 +1,120 @@
+"""Every check a config gets before anything starts.
+
+Two kinds:
+
+- per key, from the schema itself: a field declared with ``one_of`` must hold one of its
+  choices, a field declared with ``within`` must lie in its range. Walking the schema
+  means a new key with a declared constraint is checked without touching this file;
+- across keys: combinations that no single key can judge (batch sizes that must divide,
+  a group-normalised advantage that needs two samples per prompt, ...).
+
+Each failure is a ``ConfigError`` with one line that names the key and what it allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from conf.errors import ConfigError
+from conf.schema import LpregConfig, Range
+
+# Advantages that compare the samples of one prompt with each other.
+GROUP_ADVANTAGES = ("grpo", "drgrpo", "rloo")
+_REWARD_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def constrained_keys(node: Any = None, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """``(dotted key, field, value)`` for every schema field that declares a choice or a range."""
+    node = LpregConfig() if node is None else node
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from constrained_keys(value, key + ".")
+        elif "choices" in f.metadata or "range" in f.metadata:
+            yield key, f, value
+
+
+def _format_choices(choices: tuple) -> str:
+    return ", ".join(str(c) for c in choices)
+
+
+def check_key(key: str, f: dataclasses.Field, value: Any) -> None:
+    if "choices" in f.metadata:
+        choices = f.metadata["choices"]
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {_format_choices(choices)}; "
+                              f"got {value!r}")
+    if "range" in f.metadata and value is not None:
+        bounds: Range = f.metadata["range"]
+        if not bounds.admits(value):
+            raise ConfigError(f"config key '{key}' must be {bounds.describe()}; got {value!r}")
+
+
+def validate(cfg: LpregConfig) -> None:
+    """Raise ``ConfigError`` for the first problem found."""
+    for key, f, value in constrained_keys(cfg):
+        check_key(key, f, value)
+    _check_combinations(cfg)
+
+
+def _check_combinations(cfg: LpregConfig) -> None:
+    task = cfg.data.synthetic
+    if task.min_operand > task.max_operand:
+        raise ConfigError(f"config key 'data.synthetic.min_operand' is {task.min_operand}, above "
+                          f"data.synthetic.max_operand={task.max_operand}")
+
+    sequences = cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt
+    split = cfg.algorithm.mini_batches_per_step * cfg.learner.num_workers
+    if sequences % split:
+        raise ConfigError(
+            f"config key 'algorithm.mini_batches_per_step': {sequences} sequences per step "
+            f"(data.prompts_per_step x rollout.samples_per_prompt) do not divide into "
+            f"{cfg.algorithm.mini_batches_per_step} mini-batches x "
+            f"{cfg.learner.num_workers} learners")
+    if cfg.data.prompts_per_step % cfg.algorithm.mini_batches_per_step:
+        raise ConfigError(
+            f"config key 'algorithm.mini_batches_per_step': data.prompts_per_step="
+            f"{cfg.data.prompts_per_step} is not a multiple of it, so a GRPO group "
+            "would be split across mini-batches")
+    if cfg.algorithm.advantage in GROUP_ADVANTAGES and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(
+            f"config key 'rollout.samples_per_prompt' is {cfg.rollout.samples_per_prompt}, "
+            f"but the '{cfg.algorithm.advantage}' advantage compares samples of one prompt "
+            "and needs at least 2")
+    if cfg.algorithm.clip_cov_lb >= cfg.algorithm.clip_cov_ub:
+        raise ConfigError(f"config key 'algorithm.clip_cov_lb' ({cfg.algorithm.clip_cov_lb}) must "
+                          f"be below algorithm.clip_cov_ub ({cfg.algorithm.clip_cov_ub})")
+
+    betas = cfg.learner.betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"config key 'learner.betas' must be two numbers in [0, 1); got {betas}")
+
+    # Ray rejects an empty bundle, and an actor asking for nothing would not be held
+    # apart from anything anyway.
+    if cfg.rollout.cpus_per_worker == 0 and cfg.rollout.gpus_per_worker == 0:
+        raise ConfigError("config keys 'rollout.cpus_per_worker' and 'rollout.gpus_per_worker' "
+                          "are both 0; a rollout worker needs some CPU or GPU")
+    if cfg.learner.cpus_per_worker == 0 and cfg.learner.gpus_per_worker == 0:
+        raise ConfigError("config keys 'learner.cpus_per_worker' and 'learner.gpus_per_worker' "
+                          "are both 0; a learner needs some CPU or GPU")
+
+    verifier = cfg.verifier
+    if verifier.reward_fn is not None and not _REWARD_FN.match(verifier.reward_fn):
+        raise ConfigError(f"config key 'verifier.reward_fn' must look like 'package.module:function'; "
+                          f"got {verifier.reward_fn!r}")
+    if not all(re.fullmatch(r"[A-Za-z]+", c) for c in verifier.boxed_commands):
+        raise ConfigError("config key 'verifier.boxed_commands' must list LaTeX command names "
+                          f"without the backslash, e.g. [boxed, fbox]; got {verifier.boxed_commands}")
+    if not verifier.boxed_commands and not verifier.answer_line_fallback:
+        raise ConfigError("config key 'verifier.boxed_commands' is empty and "
+                          "verifier.answer_line_fallback is false: no answer could ever be found")
+
+    name = cfg.trainer.run_name
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"config key 'trainer.run_name' must be a plain directory name; got {name!r}")
+    if not cfg.trainer.output_dir:
+        raise ConfigError("config key 'trainer.output_dir' is empty")

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import math
-
 from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
 from launch.cluster.remote import wait_named
 from learner.actor import Learner, LearnerStepResult
-from learner.batch import TrainBatch, shard_for_learners
+from learner.batch import RaggedBatch, TrainBatch, shard_for_learners
 
 
-def grad_accum_steps(sequences_per_step: int, algo: AlgorithmConfig, cfg: LearnerConfig) -> int:
-    """Micro-batches each rank runs per mini-batch: the same on every rank."""
-    per_rank = sequences_per_step // (algo.mini_batches_per_step * cfg.num_workers)
-    return max(1, math.ceil(per_rank / cfg.micro_batch_size))
+def total_optimizer_steps(total_steps: int, algo: AlgorithmConfig) -> int:
+    """Optimizer steps of a whole run: the length of the learning-rate schedule."""
+    return total_steps * algo.mini_batches_per_step * algo.epochs_per_step
 
 
 class LearnerGroup:
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: LearnerConfig,
-                 algo: AlgorithmConfig, temperature: float, sequences_per_step: int,
+                 algo: AlgorithmConfig, temperature: float, total_steps: int,
                  seed: int, placement=None) -> None:
         import ray
 
@@ -31,12 +28,12 @@ class LearnerGroup:
             if placement is not None:
                 options["scheduling_strategy"] = placement(rank)
             self.workers.append(actor_cls.options(**options).remote(
-                rank, cfg.num_workers, model_path, model_cfg, cfg, algo, temperature, seed))
+                rank, cfg.num_workers, model_path, model_cfg, cfg, algo, temperature, seed,
+                total_optimizer_steps=total_optimizer_steps(total_steps, algo)))
         addr, port = wait_named({"learner-0": self.rank0.rendezvous_address.remote()},
                                 cfg.startup_timeout_s, "report its address")["learner-0"]
         # init_distributed is a collective: every rank must be inside it at once.
-        gas = grad_accum_steps(sequences_per_step, algo, cfg)
-        wait_named({name: w.setup.remote(addr, port, gas) for name, w in self.named_workers()},
+        wait_named({name: w.setup.remote(addr, port) for name, w in self.named_workers()},
                    cfg.startup_timeout_s, "join the DeepSpeed group and load the model")
 
     @property
@@ -46,8 +43,12 @@ class LearnerGroup:
     def named_workers(self):
         return [(f"learner-{i}", w) for i, w in enumerate(self.workers)]
 
-    def train_step(self, batch: TrainBatch) -> list[LearnerStepResult]:
-        shards = shard_for_learners(batch, self.algo.mini_batches_per_step, len(self.workers))
+    def train_step(self, batch: RaggedBatch) -> list[LearnerStepResult]:
+        # Planned here, for all ranks at once: under ZeRO-3 every forward is a collective,
+        # so every rank must run the same number of micro-batches.
+        shards = shard_for_learners(batch, self.algo.mini_batches_per_step, len(self.workers),
+                                    micro_batch_size=self.cfg.micro_batch_size,
+                                    max_tokens_per_micro_batch=self.cfg.max_tokens_per_micro_batch)
         refs = {name: w.train_step.remote(shard)
                 for (name, w), shard in zip(self.named_workers(), shards, strict=True)}
         results = wait_named(refs, self.cfg.timeout_s, "finish its training step")
@@ -59,7 +60,7 @@ class LearnerGroup:
     def send_weights_nccl_refs(self) -> list:
         return [w.send_weights_nccl.remote() for w in self.workers]
 
-    def compute_log_probs(self, batch: TrainBatch):
+    def compute_log_probs(self, batch: RaggedBatch | TrainBatch):
         # Every rank runs the pass: under ZeRO-3 a forward is a collective.
         refs = {name: w.compute_log_probs.remote(batch) for name, w in self.named_workers()}
         return wait_named(refs, self.cfg.timeout_s, "compute log-probs")["learner-0"]

@@ -135,8 +135,7 @@ class Trainer:
                                     seed=cfg.trainer.seed, placement=placement.rollout)
         self.learners = LearnerGroup(
             self.model_path, cfg.model, cfg.learner, cfg.algorithm,
-            temperature=cfg.rollout.temperature,
-            sequences_per_step=cfg.data.prompts_per_step * cfg.rollout.samples_per_prompt,
+            temperature=cfg.rollout.temperature, total_steps=cfg.trainer.total_steps,
             seed=cfg.trainer.seed, placement=placement.learner)
         self.sync = make_weight_sync(weight_transport(cfg), self.learners, self.rollout,
                                      timeout_s=cfg.rollout.timeout_s)

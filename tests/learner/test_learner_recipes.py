@@ -47,3 +47,13 @@ def test_lp_reg_reference_settings(variant):
     assert (cfg.learner.lr, cfg.learner.grad_clip) == (1e-6, 1.0)
     assert (cfg.rollout.samples_per_prompt, cfg.rollout.temperature) == (8, 1.0)
     assert cfg.rollout.max_response_tokens == 8192
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_gpu_recipes_use_token_budgets_checkpointing_and_chunked_logits(path):
+    cfg = load(path)
+    learner = cfg.learner
+    assert learner.gradient_checkpointing
+    assert learner.logits_chunk_tokens > 0
+    # No full-length sequence is ever over budget on its own.
+    assert learner.max_tokens_per_micro_batch >= cfg.rollout.max_model_len

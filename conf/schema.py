@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
 ZERO_STAGES = (0, 1, 2, 3)
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+METRICS_LOGGERS = ("jsonl", "tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,11 @@ class DataConfig:
     train_path: str | None = None
     # Held-out problems for evaluation; None uses fresh synthetic ones.
     eval_path: str | None = None
+    # Where a row keeps its prompt and its reference answer: dotted paths into the row
+    # (e.g. "question", "reward_model.ground_truth"). None: "prompt", and "answer" or,
+    # in a row without one, verl's "reward_model.ground_truth".
+    prompt_key: str | None = None
+    answer_key: str | None = None
     prompts_per_step: int = within(32, ge=1)
     max_prompt_tokens: int = within(64, ge=1)
     # How prompts meet the tokenizer's chat template. "auto": through it whenever the
@@ -242,6 +248,12 @@ class VerifierConfig:
     # None scores it like any other. Without this, pushing down the end-of-sequence token
     # on wrong answers costs nothing, and responses drift to the length cap.
     truncated_reward: float | None = 0.0
+    # DAPO's soft overlong punishment: a response of L tokens, with L_max =
+    # rollout.max_response_tokens and B = overlong_buffer_len, gets
+    # -(L - (L_max - B)) / B * overlong_penalty_factor added to its reward once
+    # L > L_max - B (at most -overlong_penalty_factor, at L_max); 0 turns it off.
+    overlong_buffer_len: int = within(0, ge=0)
+    overlong_penalty_factor: float = within(1.0, ge=0)
 
 
 @dataclass
@@ -267,6 +279,13 @@ class TrainerConfig:
     resume: str = "never"
     # A live progress bar when stdout is a terminal; one log line per step otherwise.
     progress_bar: bool = True
+    # Where each step's metrics go, from jsonl (metrics.jsonl; always on), tensorboard
+    # (<run dir>/tensorboard) and wandb (Weights & Biases, files under <run dir>/wandb;
+    # WANDB_MODE=offline keeps it off the network).
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    # The W&B project and run name; None names the run after trainer.run_name.
+    project: str = "lpreg"
+    experiment: str | None = None
 
 
 @dataclass

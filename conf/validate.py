@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from conf.errors import ConfigError
-from conf.schema import LpregConfig, Range
+from conf.schema import METRICS_LOGGERS, LpregConfig, Range
 
 # Advantages that compare the samples of one prompt with each other.
 GROUP_ADVANTAGES = ("grpo", "drgrpo", "rloo")
@@ -118,3 +118,19 @@ def _check_combinations(cfg: LpregConfig) -> None:
         raise ConfigError(f"config key 'trainer.run_name' must be a plain directory name; got {name!r}")
     if not cfg.trainer.output_dir:
         raise ConfigError("config key 'trainer.output_dir' is empty")
+    _check_loggers_and_overlong_buffer(cfg)
+
+
+def _check_loggers_and_overlong_buffer(cfg: LpregConfig) -> None:
+    unknown = [name for name in cfg.trainer.loggers if name not in METRICS_LOGGERS]
+    if unknown:
+        raise ConfigError(f"config key 'trainer.loggers' takes entries from "
+                          f"{_format_choices(METRICS_LOGGERS)}; got {unknown[0]!r}")
+    if "wandb" in cfg.trainer.loggers and not cfg.trainer.project:
+        raise ConfigError("config key 'trainer.project' is empty; the wandb logger needs a "
+                          "project name")
+    # A buffer longer than the cap would punish responses of any length.
+    buffer, cap = cfg.verifier.overlong_buffer_len, cfg.rollout.max_response_tokens
+    if buffer > cap:
+        raise ConfigError(f"config key 'verifier.overlong_buffer_len' ({buffer}) exceeds "
+                          f"rollout.max_response_tokens ({cap})")

@@ -12,22 +12,25 @@ from launch.data.synthetic import synthetic_problems
 log = logging.getLogger("lpreg")
 
 
-def load_prompts_for(key: str, path: str) -> list[PromptRecord]:
+def load_prompts_for(key: str, path: str, prompt_key: str | None = None,
+                     answer_key: str | None = None) -> list[PromptRecord]:
     """``load_prompts_file``, with the config key that named the file in any error."""
     try:
-        return load_prompts_file(path)
+        return load_prompts_file(path, prompt_key, answer_key)
     except DataError as err:
         raise DataError(f"{key}: {err}") from None
 
 
 def load_prompts(cfg: LpregConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
     """Training prompts and held-out evaluation prompts."""
+    keys = (cfg.data.prompt_key, cfg.data.answer_key)
     if cfg.data.train_path:
-        train = load_prompts_for("data.train_path", cfg.data.train_path)
-        held_out = load_prompts_for("data.eval_path", cfg.data.eval_path) if cfg.data.eval_path else []
+        train = load_prompts_for("data.train_path", cfg.data.train_path, *keys)
+        held_out = (load_prompts_for("data.eval_path", cfg.data.eval_path, *keys)
+                    if cfg.data.eval_path else [])
         return train, held_out
     if cfg.data.eval_path:
-        held_out = load_prompts_for("data.eval_path", cfg.data.eval_path)
+        held_out = load_prompts_for("data.eval_path", cfg.data.eval_path, *keys)
     else:
         # Distinct problems from their own seed...
         candidates = synthetic_problems(cfg.data.synthetic, 4 * cfg.data.num_synthetic_eval,

@@ -2,8 +2,10 @@
 
 It uses the same pieces as evaluation during training (rollout workers on vLLM, the
 math verifier, ``launch.training.evaluation``) and the same config: ``model.path``,
-``data.eval_path``, ``trainer.eval_temperature``, ``trainer.eval_samples``,
-``rollout.*`` and ``verifier.*``.
+``data.eval_path`` (lpreg's rows or verl's, e.g. verl's AIME Parquet files, with
+``data.prompt_key``/``data.answer_key`` for other layouts), ``trainer.eval_temperature``,
+``trainer.eval_samples``, ``rollout.*`` and ``verifier.*``. Metrics come overall and per
+``data_source``.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--print-config", action="store_true",
                           help="print the resolved config and exit")
     add_overrides_argument(
-        evaluate, "e.g. model=runs/demo/checkpoints/step_60 data=aime.jsonl "
+        evaluate, "e.g. model=runs/demo/checkpoints/step_60 data=aime.parquet "
                   "trainer.eval_samples=8 trainer.eval_temperature=0.6 "
                   "(model= and data= stand for model.path= and data.eval_path=)")
     evaluate.set_defaults(func=run)

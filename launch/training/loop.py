@@ -20,7 +20,7 @@ from launch.reporting.progress import Progress
 from launch.training import checkpoint
 from launch.training.evaluation import EvalResult, evaluate, load_eval_results
 from launch.training.step_metrics import average_learner_metrics, prompt_ids_hash, summarize_rollout
-from verifier.shaping import apply_truncated_reward
+from verifier.shaping import shape_rewards
 
 log = logging.getLogger("lpreg")
 
@@ -184,8 +184,9 @@ class Trainer:
 
         report = self.verifier.score_batch_detailed(
             [s.response_text for s in samples], [batch_records[s.prompt_index].answer for s in samples])
-        rewards = apply_truncated_reward(report.scores, [s.finish_reason for s in samples],
-                                         cfg.verifier.truncated_reward)
+        rewards, shaping_metrics = shape_rewards(
+            report.scores, [len(s.response_token_ids) for s in samples],
+            [s.finish_reason for s in samples], cfg.verifier, cfg.rollout.max_response_tokens)
         advantages = compute_advantages(
             cfg.algorithm.advantage, torch.tensor(rewards, dtype=torch.float32),
             torch.tensor([s.prompt_index for s in samples]))
@@ -201,6 +202,7 @@ class Trainer:
         metrics = summarize_rollout(samples, rewards, cfg.rollout.max_response_tokens)
         metrics["data/prompt_ids_hash"] = prompt_ids_hash(batch_records)
         metrics.update(report.metrics())
+        metrics.update(shaping_metrics)  # reward/overlong_penalty_mean, when the penalty is on
         metrics.update(average_learner_metrics(learner_results))
         num_tokens = sum(roll.tokens_per_worker)
         staleness = [self.version - 1 - s.weight_version for s in samples]

@@ -66,10 +66,17 @@ def prompt_token_ids(tokenizer, record: PromptRecord, chat_template: str = "auto
 
 def tokenize_prompts(tokenizer, records: list[PromptRecord], max_tokens: int,
                      chat_template: str = "auto"):
-    """Token ids per prompt; prompts over ``max_tokens`` are dropped and counted."""
+    """Token ids per prompt; prompts over ``max_tokens`` are dropped and counted.
+
+    A prompt that appears more than once (verl's DAPO-Math-17k repeats each problem 100
+    times) is tokenized once, and its records share that one list: read it, never change it.
+    """
     kept, ids, dropped = [], [], 0
+    tokenized: dict = {}
     for record in records:
-        tokens = prompt_token_ids(tokenizer, record, chat_template)
+        tokens = tokenized.get(record.prompt)
+        if tokens is None:
+            tokens = tokenized[record.prompt] = prompt_token_ids(tokenizer, record, chat_template)
         if len(tokens) > max_tokens:
             dropped += 1
             continue

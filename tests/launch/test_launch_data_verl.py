@@ -185,3 +185,26 @@ def test_verl_chat_prompts_tokenize_through_the_chat_template(tmp_path):
     kept, ids, dropped = tokenize_prompts(tokenizer, records, max_tokens=10_000)
     assert kept == records and dropped == 0
     assert tokenizer.decode(ids[0]) == "<user>1+1=A:"
+
+
+def test_repeated_problems_share_their_prompt_and_are_tokenized_once(tmp_path):
+    from launch.data.prepare import tokenize_prompts
+
+    # DAPO-Math-17k repeats each problem, each copy with its own index.
+    rows = [verl_row("1+1?", "2", f"copy{i}") for i in range(3)] + [verl_row("2+2?", "4", "other")]
+    records = load_prompts_file(write_verl(tmp_path / "d.parquet", rows))
+    assert len(records) == 4 and len({r.id for r in records}) == 4
+    assert records[0].prompt is records[1].prompt is records[2].prompt
+    assert records[0].data_source is records[3].data_source
+
+    calls = []
+
+    class CountingTokenizer:
+        chat_template = "any"
+
+        def apply_chat_template(self, messages, **kwargs):
+            calls.append(messages)
+            return [len(calls)]
+
+    kept, ids, dropped = tokenize_prompts(CountingTokenizer(), records, max_tokens=10)
+    assert len(calls) == 2 and ids == [[1], [1], [1], [2]] and dropped == 0

@@ -146,10 +146,29 @@ class RolloutConfig:
     cpu_kv_cache_gib: int = within(1, ge=1)
     max_model_len: int = within(256, ge=1)
     enforce_eager: bool = True
-    # Seconds to wait for one worker's generate call before naming it and failing.
-    timeout_s: float = within(600.0, gt=0)
+    # A worker that does not answer the driver's poll (a heartbeat, normally answered
+    # within a second), or makes no progress on the work it holds, for this many seconds
+    # is declared hung: it is killed and replaced, and its requests go elsewhere.
+    timeout_s: float = within(120.0, gt=0)
     # Seconds to wait for an engine to start.
     startup_timeout_s: float = within(600.0, gt=0)
+    # Sequences one engine generates at once (vLLM's max_num_seqs). Groups beyond what
+    # the workers hold wait on the driver and go to whichever worker frees up first.
+    max_num_seqs: int = within(256, ge=1)
+    # Weight versions a sample may lag the learner when it is trained on. 0: lock-step
+    # (generate, then train, then sync). k >= 1: the workers generate up to k steps ahead
+    # while the learners train; a sample more than k versions old is dropped and counted.
+    max_staleness: int = within(0, ge=0)
+    # At a weight update, samples still generating pause and continue under the new
+    # weights (their tokens so far become part of the prompt) instead of finishing under
+    # the old ones first. Every token records the version that produced it.
+    partial_rollout: bool = False
+    # Replacements of lost or hung rollout workers over the whole run; one more loss
+    # stops the run with an error that says what happened.
+    max_restarts: int = within(3, ge=0)
+    # K > 0: vLLM also reports the K most likely tokens at each position, the generating
+    # policy's distribution for algorithm.stale_policy=behaviour.
+    top_logprobs: int = within(0, ge=0)
     # "object_store" (CPU: Ray object store, then in-place reload), "nccl" (GPU: vLLM's
     # NCCL weight transfer), or "auto": nccl when the rollout workers have GPUs.
     weight_sync: str = one_of("auto", WEIGHT_SYNC_TRANSPORTS)
@@ -199,6 +218,11 @@ class AlgorithmConfig:
     # The ratio is clipped to [1 - clip_ratio_low, 1 + clip_ratio_high].
     clip_ratio_low: float = within(0.2, ge=0, le=1)
     clip_ratio_high: float = within(0.28, ge=0)
+    # Dynamic sampling (DAPO): drop every group whose rewards are all equal (it has zero
+    # advantage) and generate more groups on fresh prompts, until data.prompts_per_step
+    # groups are kept or max_generation_rounds rounds have run; then train on what was kept.
+    filter_groups: bool = False
+    max_generation_rounds: int = within(3, ge=1)
     # Mini-batches per rollout batch and passes over it. 1 and 1 is on-policy: the
     # old log-probs and the Lp-Reg proxy then come from the training forward pass itself.
     mini_batches_per_step: int = within(1, ge=1)
@@ -273,6 +297,10 @@ class TrainerConfig:
     # stay (0: all).
     save_every: int = within(0, ge=0)
     keep_last: int = within(2, ge=0)
+    # A lost learner rank: the learner group is rebuilt and the run continues from the
+    # newest checkpoint (or from the start, before the first one), at most this many
+    # times. With save_every=0 there is nothing to continue from: the run stops.
+    max_restarts: int = within(3, ge=0)
     # "never": start from model.path. "auto": continue from this run's newest complete
     # checkpoint, or start fresh when there is none. A path: continue from that
     # checkpoint (a step_<N> directory, or a checkpoints directory for its newest).

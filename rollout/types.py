@@ -1,7 +1,8 @@
 """The messages that cross the rollout hop, defined once.
 
-Driver -> RolloutWorker: a ``GenerationRequest``.
-RolloutWorker -> driver -> learners: a ``GenerationResult`` holding ``Sample`` records.
+Driver -> RolloutWorker: ``GroupRequest`` (one GRPO group: a prompt and its n samples).
+RolloutWorker -> driver: ``WorkerReport`` (heartbeat and finished ``GroupResult`` records).
+Driver -> learners: the ``Sample`` records inside those results.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ class SamplingSettings:
     temperature: float
     top_p: float
     max_response_tokens: int
+    # Sample j of a group samples with seed + j, as vLLM's own n > 1 fan-out does, so a
+    # group's samples do not depend on which worker generates them or what runs beside it.
     seed: int
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
-    """A shard of one step's prompts for one rollout worker."""
+class GroupRequest:
+    """One GRPO group for whichever worker has room: a prompt, sampled n times."""
 
-    prompt_indices: list[int]  # positions in the step's prompt batch; they name the GRPO groups
-    prompt_token_ids: list[list[int]]
+    group_id: str  # unique within a run; results come back under it
+    prompt_token_ids: list[int]
     sampling: SamplingSettings
 
 
@@ -31,24 +34,46 @@ class GenerationRequest:
 class Sample:
     """One sampled response, with what the learner needs to train on it."""
 
-    prompt_index: int
+    prompt_index: int  # the group's position in the step's batch; set by the driver
     prompt_token_ids: list[int]
     response_token_ids: list[int]
-    # log pi_old(token) that vLLM computed while sampling, one per response token.
+    # log pi_behaviour(token) that vLLM computed while sampling, one per response token.
     response_logprobs: list[float]
     finish_reason: str  # "stop" or "length"
-    weight_version: int
+    weight_version: int  # the version the response started under (its oldest token)
     worker_index: int
     response_text: str = ""
+    # The weight version that produced each response token. With partial rollouts a
+    # response that was generating during a weight update continues under the new
+    # version, so its tokens can come from several versions.
+    token_versions: list[int] = field(default_factory=list)
+    # With rollout.top_logprobs = K > 0: the K most likely tokens at each response position
+    # under the generating policy, and their log-probs (after temperature), most likely
+    # first. The generating policy's own distribution, without keeping its weights.
+    response_top_token_ids: list[list[int]] = field(default_factory=list)
+    response_top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def versions(self) -> list[int]:
+        return self.token_versions or [self.weight_version] * len(self.response_token_ids)
 
 
 @dataclass
-class GenerationResult:
+class GroupResult:
+    group_id: str
+    samples: list[Sample]
+    worker_index: int
+    generate_s: float  # from the group's arrival on the worker to its last sample
+
+
+@dataclass
+class WorkerReport:
+    """What a worker answers to every poll: a heartbeat, even when nothing finished."""
+
     worker_index: int
     weight_version: int
-    samples: list[Sample] = field(default_factory=list)
-    generate_s: float = 0.0
-
-    @property
-    def num_response_tokens(self) -> int:
-        return sum(len(s.response_token_ids) for s in self.samples)
+    finished: list[GroupResult] = field(default_factory=list)
+    in_flight_samples: int = 0
+    # Seconds the engine has spent generating since the worker started: the driver
+    # turns differences of it into the workers' idle time.
+    busy_s: float = 0.0
+    interrupted_samples: int = 0  # partial rollouts continued under new weights, in total

@@ -1,17 +1,31 @@
-"""RolloutWorker: a Ray actor that owns one vLLM engine.
+"""RolloutWorker: a Ray actor that owns one vLLM engine and keeps it generating.
 
-The actor is thin: it turns a ``GenerationRequest`` into vLLM calls and vLLM's outputs
-into ``Sample`` records, and it reloads weights when the learners publish new ones.
+The actor is thin. One engine thread drives vLLM's step loop; the actor's methods, served
+on other threads, only queue work and read results:
+
+- ``submit`` queues GRPO groups; the engine thread adds one request per sample;
+- ``poll`` returns the groups that finished since the last poll, waiting up to a timeout:
+  it is also the worker's heartbeat, answered even while the engine is busy;
+- ``load_weights`` parks the engine thread between two steps and reloads the weights in
+  place. With ``partial=True`` the samples still generating are interrupted and continue
+  under the new weights (their tokens so far become part of the prompt); otherwise they
+  finish under the old weights first.
+
+The bookkeeping of groups and segments is ``rollout.sample_book.SampleBook``.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from conf.schema import ModelConfig, RolloutConfig
-from rollout.types import GenerationRequest, GenerationResult, Sample
+from rollout.sample_book import SampleBook, SampleProgress
+from rollout.types import GroupRequest, WorkerReport
 
 WORKER_EXTENSION = "rollout.weight_receiver.RolloutWeightReceiver"
 
@@ -30,7 +44,7 @@ def engine_env(cfg: RolloutConfig) -> dict[str, str]:
 
 
 class RolloutWorker:
-    """Wraps one vLLM engine. Created as a Ray actor by ``launch.cluster.rollout_group.RolloutGroup``."""
+    """Wraps one vLLM engine. Created as a threaded Ray actor by the driver's rollout pool."""
 
     def __init__(self, worker_index: int, model_path: str, model_cfg: ModelConfig,
                  rollout_cfg: RolloutConfig, seed: int) -> None:
@@ -47,6 +61,7 @@ class RolloutWorker:
             tensor_parallel_size=rollout_cfg.tensor_parallel_size,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
             max_model_len=rollout_cfg.max_model_len,
+            max_num_seqs=rollout_cfg.max_num_seqs,
             enforce_eager=rollout_cfg.enforce_eager,
             # Log-probs after temperature, i.e. of the distribution actually sampled from,
             # which is what the learner's importance ratios are measured against.
@@ -54,71 +69,189 @@ class RolloutWorker:
             worker_extension_cls=WORKER_EXTENSION,
             **_weight_transfer_kwargs(rollout_cfg),
         )
+        self.engine = self.llm.llm_engine
+        tokenizer = self.llm.get_tokenizer()
+        self.book = SampleBook(worker_index,
+                               decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        # Everything below is guarded by _cv; only the engine thread touches the engine,
+        # except while it is parked (_paused) for a weight update.
+        self._cv = threading.Condition()
+        self._inbox: list[SampleProgress] = []  # samples waiting for their next engine request
+        self._busy = False  # the engine has unfinished requests
+        self._pause_requests = 0
+        self._paused = False
+        self._stopping = False
+        self._busy_s = 0.0
+        self._error: BaseException | None = None
+        self._continuations: list[SampleProgress] = []
+        self._thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
+        self._thread.start()
 
-    def ready(self) -> int:
-        return self.worker_index
+    def ready(self) -> dict:
+        import ray
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        from vllm import SamplingParams
+        return {"index": self.worker_index, "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address()}
 
-        sampling = request.sampling
-        params = SamplingParams(
-            n=sampling.samples_per_prompt,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_response_tokens,
-            logprobs=0,  # the sampled token's own log-prob only
-            seed=sampling.seed,
-        )
-        prompts = [{"prompt_token_ids": ids} for ids in request.prompt_token_ids]
-        start = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
+    # -- the driver's side -------------------------------------------------------------
+    def submit(self, groups: list[GroupRequest]) -> int:
+        with self._cv:
+            for group in groups:
+                self._inbox.extend(self.book.add_group(group))
+            self._cv.notify_all()
+            return self.book.in_flight_samples
 
-        samples = []
-        for prompt_index, prompt_ids, output in zip(request.prompt_indices,
-                                                     request.prompt_token_ids, outputs, strict=True):
-            for completion in output.outputs:
-                token_ids = list(completion.token_ids)
-                logprobs = [step[token].logprob
-                            for step, token in zip(completion.logprobs, token_ids, strict=True)]
-                samples.append(Sample(
-                    prompt_index=prompt_index,
-                    prompt_token_ids=list(prompt_ids),
-                    response_token_ids=token_ids,
-                    response_logprobs=logprobs,
-                    finish_reason=completion.finish_reason or "length",
-                    weight_version=self.weight_version,
-                    worker_index=self.worker_index,
-                    response_text=completion.text,
-                ))
-        return GenerationResult(worker_index=self.worker_index,
-                                weight_version=self.weight_version,
-                                samples=samples, generate_s=elapsed)
+    def poll(self, timeout_s: float) -> WorkerReport:
+        """Groups finished since the last poll; waits up to ``timeout_s`` for one."""
+        with self._cv:
+            self._cv.wait_for(lambda: self.book.finished or self._error is not None, timeout_s)
+            if self._error is not None:
+                raise RuntimeError(f"rollout-{self.worker_index}: engine loop failed: "
+                                   f"{self._error!r}") from self._error
+            finished, self.book.finished = self.book.finished, []
+            return WorkerReport(worker_index=self.worker_index, weight_version=self.weight_version,
+                                finished=finished, in_flight_samples=self.book.in_flight_samples,
+                                busy_s=self._busy_s, interrupted_samples=self.book.interrupted)
 
-    def load_weights(self, named_tensors: list[tuple[str, Any]], version: int) -> int:
+    def abort_all(self) -> int:
+        """Drop every group (the driver no longer wants them); returns how many samples."""
+        with self._parked():
+            dropped = self.book.in_flight_samples
+            running = self.book.drop_all()
+            self._inbox.clear()
+            if running:
+                self.engine.abort_request(running)
+            return dropped
+
+    def load_weights(self, named_tensors: list[tuple[str, Any]], version: int,
+                     partial: bool = False) -> int:
         """CPU path: reload the engine's weights in place from tensors in the object store."""
-        self.llm.collective_rpc("load_named_tensors", args=(named_tensors,))
-        # Cached prefixes were computed with the old weights.
-        self.llm.reset_prefix_cache()
-        self.weight_version = version
+        with self._weight_update(version, partial):
+            self.llm.collective_rpc("load_named_tensors", args=(named_tensors,))
         return version
 
-    def set_weight_version(self, version: int) -> int:
-        """GPU path: the weights arrived over NCCL; record which version they are."""
-        self.llm.reset_prefix_cache()
-        self.weight_version = version
+    def begin_weight_update(self, partial: bool = False) -> None:
+        """GPU path: park the engine before the learner broadcasts over NCCL."""
+        self._enter_update(partial)
+
+    def end_weight_update(self, version: int) -> int:
+        """GPU path: the weights arrived over NCCL; record their version and resume."""
+        self._leave_update(version)
         return version
 
     def weights_checksum(self) -> float:
         """Sum of |w| over the engine's parameters, to observe that a sync arrived."""
-        return float(self.llm.collective_rpc("weights_checksum")[0])
+        with self._parked():
+            return float(self.llm.collective_rpc("weights_checksum")[0])
 
-    def collective_rpc(self, method: str, args: tuple = ()) -> list:
-        return self.llm.collective_rpc(method, args=args)
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    # -- the engine thread -------------------------------------------------------------
+    def _engine_loop(self) -> None:
+        from vllm import SamplingParams
+
+        try:
+            while True:
+                with self._cv:
+                    self._cv.wait_for(lambda: self._stopping or self._pause_requests
+                                      or self._inbox or self._busy)
+                    if self._stopping:
+                        return
+                    if self._pause_requests:
+                        self._paused = True
+                        self._cv.notify_all()
+                        self._cv.wait_for(lambda: self._stopping or not self._pause_requests)
+                        self._paused = False
+                        continue
+                    # Tagged with the version the engine holds as it takes them on.
+                    inbox = [self.book.start(s, self.weight_version) for s in self._inbox]
+                    self._inbox = []
+                for request in inbox:
+                    self.engine.add_request(
+                        request.request_id, {"prompt_token_ids": request.prompt_token_ids},
+                        SamplingParams(n=1, temperature=request.temperature, top_p=request.top_p,
+                                       max_tokens=request.max_tokens, seed=request.seed,
+                                       logprobs=0))  # the sampled token's own log-prob only
+                started = time.perf_counter()
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                elapsed = time.perf_counter() - started
+                with self._cv:
+                    self._busy_s += elapsed
+                    for output in outputs:
+                        completion = output.outputs[0]
+                        tokens = list(completion.token_ids)
+                        logprobs = [step[token].logprob
+                                    for step, token in zip(completion.logprobs or [], tokens, strict=True)]
+                        reason = (completion.finish_reason or "length") if output.finished else None
+                        done = self.book.on_output(output.request_id, tokens, logprobs, reason,
+                                                   completion.text)
+                        if done is not None:
+                            self.book.finished.append(done)
+                    self._busy = self.engine.has_unfinished_requests()
+                    self._cv.notify_all()
+        except BaseException as err:  # noqa: BLE001 - reported to the driver by poll()
+            with self._cv:
+                self._error = err
+                self._cv.notify_all()
+
+    # -- parking the engine --------------------------------------------------------------
+    def _park(self) -> None:
+        """Have the engine thread wait between two steps; the caller may then use the engine."""
+        with self._cv:
+            self._pause_requests += 1
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: self._paused or self._error is not None or self._stopping)
+
+    def _unpark(self) -> None:
+        with self._cv:
+            self._pause_requests -= 1
+            self._cv.notify_all()
+
+    @contextmanager
+    def _parked(self) -> Iterator[None]:
+        self._park()
+        try:
+            yield
+        finally:
+            self._unpark()
+
+    def _enter_update(self, partial: bool) -> None:
+        if not partial:
+            # Finish what runs under the old weights first.
+            with self._cv:
+                self._cv.wait_for(lambda: not (self._busy or self._inbox) or self._error is not None)
+        self._park()
+        if partial:
+            self._continuations, to_abort = self.book.interrupt_all()
+            if to_abort:
+                self.engine.abort_request(to_abort)
+
+    def _leave_update(self, version: int) -> None:
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        with self._cv:
+            self.weight_version = version
+            self._inbox.extend(self._continuations)
+            self._continuations = []
+        self._unpark()
+
+    @contextmanager
+    def _weight_update(self, version: int, partial: bool) -> Iterator[None]:
+        self._enter_update(partial)
+        try:
+            yield
+        finally:
+            self._leave_update(version)
 
     # -- GPU path: the control plane of vLLM's NCCL weight transfer. The learner's
     # trainer-side engine calls these through a Ray client while it broadcasts.
+    def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        return self.llm.collective_rpc(method, args=args)
+
     def init_weight_transfer_engine(self, request) -> None:
         self.llm.init_weight_transfer_engine(request)
 

@@ -136,5 +136,5 @@ def test_the_checker_sees_a_cycle_and_a_lazy_import():
     # rollout.worker imports vllm lazily and conf at module level: both are seen, only
     # the module-level one counts for cycles.
     assert "conf.schema" in imports("rollout.worker", import_time_only=True)
-    assert "launch.cluster.rollout_group" in imports("launch.training.loop", import_time_only=False)
-    assert "launch.cluster.rollout_group" not in imports("launch.training.loop", import_time_only=True)
+    assert "launch.cluster.rollout_pool" in imports("launch.training.loop", import_time_only=False)
+    assert "launch.cluster.rollout_pool" not in imports("launch.training.loop", import_time_only=True)

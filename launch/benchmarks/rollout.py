@@ -10,11 +10,14 @@ the cores and slow drift of a shared machine hits both alike.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import tempfile
 import time
+
+_ROUND_IDS = itertools.count()
 
 
 def _direct_engine(model_path: str, cfg):
@@ -37,6 +40,19 @@ def _direct_round(llm, prompt_ids, args) -> tuple[float, int]:
     return seconds, sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
 
+def _pool_round(pool, prompt_ids, args) -> tuple[float, int]:
+    from rollout.types import GroupRequest, SamplingSettings
+
+    sampling = SamplingSettings(samples_per_prompt=args.n, temperature=1.0, top_p=1.0,
+                                max_response_tokens=args.max_tokens, seed=1)
+    round_id = next(_ROUND_IDS)  # group ids are unique per run
+    start = time.perf_counter()
+    groups = pool.generate([GroupRequest(f"bench{round_id}-{i}", ids, sampling)
+                            for i, ids in enumerate(prompt_ids)])
+    seconds = time.perf_counter() - start
+    return seconds, sum(len(s.response_token_ids) for g in groups for s in g.samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lpreg bench rollout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from conf.schema import ModelConfig, RolloutConfig, SyntheticTaskConfig, TinyModelConfig
-    from launch.cluster.rollout_group import RolloutGroup
+    from launch.cluster.rollout_pool import RolloutPool
     from launch.data.synthetic import synthetic_problems
     from launch.models.tiny_model import build_tiny_model
     from rollout.worker import engine_env
@@ -73,18 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(engine_env(cfg))
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
              log_to_driver=False)
-    group = RolloutGroup(1, model_path, ModelConfig(), cfg, seed=0)
+    pool = RolloutPool(1, model_path, ModelConfig(), cfg, seed=0)
     direct = _direct_engine(model_path, cfg)
 
     _direct_round(direct, prompt_ids, args)  # warm-up, both sides
-    group.generate(prompt_ids, seed=1)
+    _pool_round(pool, prompt_ids, args)
     direct_tps, actor_tps = [], []
     for _ in range(args.rounds):
         seconds, tokens = _direct_round(direct, prompt_ids, args)
         direct_tps.append(tokens / seconds)
-        step = group.generate(prompt_ids, seed=1)
-        actor_tps.append(sum(step.tokens_per_worker) / step.seconds)
-    group.shutdown()
+        seconds, tokens = _pool_round(pool, prompt_ids, args)
+        actor_tps.append(tokens / seconds)
+    pool.shutdown()
     del direct
 
     result = {
@@ -98,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers:
         scaling = {}
         for count in [int(c) for c in args.workers.split(",")]:
-            group = RolloutGroup(count, model_path, ModelConfig(), cfg, seed=0)
-            group.generate(prompt_ids, seed=1)  # warm-up
-            times = [group.generate(prompt_ids, seed=1).seconds for _ in range(args.rounds)]
+            pool = RolloutPool(count, model_path, ModelConfig(), cfg, seed=0)
+            _pool_round(pool, prompt_ids, args)  # warm-up
+            times = [_pool_round(pool, prompt_ids, args)[0] for _ in range(args.rounds)]
             scaling[count] = statistics.median(times)
-            group.shutdown()
+            pool.shutdown()
         result["rollout_s_per_step_by_workers"] = scaling
     ray.shutdown()
 

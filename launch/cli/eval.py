@@ -69,7 +69,7 @@ def run_evaluation(cfg: LpregConfig, output: str | Path | None = None) -> tuple[
     from transformers import AutoTokenizer
 
     from launch.cluster import ray_setup
-    from launch.cluster.rollout_group import RolloutGroup
+    from launch.cluster.rollout_pool import RolloutPool
     from launch.data.prepare import load_prompts, tokenize_prompts
     from launch.models.resolve import resolve_model_path
     from launch.training.evaluation import evaluate
@@ -102,12 +102,14 @@ def run_evaluation(cfg: LpregConfig, output: str | Path | None = None) -> tuple[
     verifier = MathVerifier.from_config(cfg.verifier)
     rollout = None
     try:
-        rollout = RolloutGroup(cfg.rollout.num_workers, str(model_path), cfg.model, cfg.rollout,
-                               seed=cfg.trainer.seed)
+        rollout = RolloutPool(cfg.rollout.num_workers, str(model_path), cfg.model, cfg.rollout,
+                              seed=cfg.trainer.seed)
         result = evaluate(rollout, verifier, records, prompt_ids,
                           step=found[1] if found else 0,
                           temperature=cfg.trainer.eval_temperature,
-                          samples=cfg.trainer.eval_samples, seed=cfg.trainer.seed)
+                          samples=cfg.trainer.eval_samples, seed=cfg.trainer.seed,
+                          max_response_tokens=cfg.rollout.max_response_tokens,
+                          top_p=cfg.rollout.top_p)
     finally:
         verifier.close()
         if rollout is not None:

@@ -13,6 +13,14 @@ def total_optimizer_steps(total_steps: int, algo: AlgorithmConfig) -> int:
     return total_steps * algo.mini_batches_per_step * algo.epochs_per_step
 
 
+def _process_and_node(_actor) -> tuple[int, str]:
+    import os
+
+    import ray
+
+    return os.getpid(), ray.util.get_node_ip_address()
+
+
 class LearnerGroup:
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: LearnerConfig,
                  algo: AlgorithmConfig, temperature: float, total_steps: int,
@@ -35,6 +43,10 @@ class LearnerGroup:
         # init_distributed is a collective: every rank must be inside it at once.
         wait_named({name: w.setup.remote(addr, port) for name, w in self.named_workers()},
                    cfg.startup_timeout_s, "join the DeepSpeed group and load the model")
+        where = wait_named({name: w.__ray_call__.remote(_process_and_node)
+                            for name, w in self.named_workers()}, cfg.startup_timeout_s,
+                           "report its process")
+        self._where = [where[name] for name, _ in self.named_workers()]
 
     @property
     def rank0(self):
@@ -43,16 +55,32 @@ class LearnerGroup:
     def named_workers(self):
         return [(f"learner-{i}", w) for i, w in enumerate(self.workers)]
 
-    def train_step(self, batch: RaggedBatch) -> list[LearnerStepResult]:
+    def train_step_refs(self, batch: RaggedBatch) -> list:
+        """Every rank's ``train_step`` on its shard; the caller waits (a ``LearnerStepResult`` each)."""
         # Planned here, for all ranks at once: under ZeRO-3 every forward is a collective,
         # so every rank must run the same number of micro-batches.
         shards = shard_for_learners(batch, self.algo.mini_batches_per_step, len(self.workers),
                                     micro_batch_size=self.cfg.micro_batch_size,
                                     max_tokens_per_micro_batch=self.cfg.max_tokens_per_micro_batch)
-        refs = {name: w.train_step.remote(shard)
-                for (name, w), shard in zip(self.named_workers(), shards, strict=True)}
+        return [w.train_step.remote(shard) for w, shard in zip(self.workers, shards, strict=True)]
+
+    def train_step(self, batch: RaggedBatch) -> list[LearnerStepResult]:
+        refs = dict(zip([name for name, _ in self.named_workers()], self.train_step_refs(batch),
+                        strict=True))
         results = wait_named(refs, self.cfg.timeout_s, "finish its training step")
         return [results[name] for name, _ in self.named_workers()]
+
+    def describe_actors(self) -> list[dict]:
+        return [{"name": name, "pid": pid, "node": node}
+                for (name, _), (pid, node) in zip(self.named_workers(), self._where, strict=True)]
+
+    def name_of_failure(self, err: BaseException) -> str:
+        """Which rank an actor-death error is about, with its process id, when Ray says."""
+        text = str(err)
+        for rank, handle in enumerate(self.workers):
+            if handle._actor_id.hex() in text:
+                return f"learner-{rank}, pid {self._where[rank][0]}"
+        return text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
 
     def export_weights_refs(self) -> list:
         return [w.export_weights.remote() for w in self.workers]
@@ -78,5 +106,8 @@ class LearnerGroup:
         import ray
 
         for worker in self.workers:
-            ray.kill(worker)
+            try:
+                ray.kill(worker, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
         self.workers = []

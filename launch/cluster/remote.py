@@ -14,6 +14,21 @@ class RemoteCallError(RuntimeError):
     """Raised when an actor's call failed; the message names the actor."""
 
 
+class RunStopped(RuntimeError):
+    """The run cannot go on; the one-line message says what happened and why."""
+
+
+def is_actor_death(err: BaseException) -> bool:
+    """Whether ``err`` (or what it wraps) is Ray reporting an actor dead or unreachable."""
+    while err is not None:
+        name = type(err).__name__
+        if name in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
+                    "ActorUnschedulableError"):
+            return True
+        err = err.__cause__
+    return False
+
+
 def wait_named(refs: dict[str, Any], timeout_s: float, what: str) -> dict[str, Any]:
     """``ray.get`` every reference, failing with the names of those still pending.
 

@@ -54,17 +54,23 @@ def summarize(records: list[PromptRecord], scores_per_prompt: list[list[float]],
     return metrics
 
 
-def evaluate(rollout, verifier, records: list[PromptRecord], prompt_ids: list[list[int]],
-             *, step: int, temperature: float, samples: int, seed: int) -> EvalResult:
+def evaluate(pool, verifier, records: list[PromptRecord], prompt_ids: list[list[int]],
+             *, step: int, temperature: float, samples: int, seed: int,
+             max_response_tokens: int, top_p: float = 1.0) -> EvalResult:
     """Generate on the rollout workers with the weights they hold now, and score."""
-    result = rollout.generate(prompt_ids, seed=seed, samples_per_prompt=samples,
-                              temperature=temperature)
-    report = verifier.score_batch_detailed(
-        [s.response_text for s in result.samples],
-        [records[s.prompt_index].answer for s in result.samples])
-    per_prompt: list[list[float]] = [[] for _ in records]
-    for sample, score in zip(result.samples, report.scores, strict=True):
-        per_prompt[sample.prompt_index].append(score)
+    from rollout.types import GroupRequest, SamplingSettings
+
+    sampling = SamplingSettings(samples_per_prompt=samples, temperature=temperature, top_p=top_p,
+                                max_response_tokens=max_response_tokens, seed=seed)
+    groups = pool.generate([GroupRequest(f"eval{step}-{i}", ids, sampling)
+                            for i, ids in enumerate(prompt_ids)])
+    responses = [s.response_text for g in groups for s in g.samples]
+    answers = [r.answer for r, g in zip(records, groups, strict=True) for _ in g.samples]
+    report = verifier.score_batch_detailed(responses, answers)
+    per_prompt, start = [], 0
+    for group in groups:
+        per_prompt.append(report.scores[start:start + len(group.samples)])
+        start += len(group.samples)
     metrics = summarize(records, per_prompt, k=samples)
     metrics["eval/temperature"] = temperature
     return EvalResult(step=step, metrics=metrics)

@@ -1,9 +1,16 @@
-"""The driver: one RL step at a time, rollout -> verify -> advantages -> update -> sync."""
+"""The training loop: rollout -> verify -> advantages -> update -> weight sync, step after step.
+
+``Trainer.run`` owns the lifetime of everything it starts. ``Trainer._train_step`` is one
+step of the algorithm. Generation may run ahead of training (``rollout.max_staleness``,
+see ``launch.training.pipeline``), and lost actors are replaced as the run goes: a
+rollout worker by the rollout pool, the learner group here, from the newest checkpoint.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +19,7 @@ import torch
 
 from conf.load import to_yaml
 from conf.schema import LpregConfig
+from launch.cluster.remote import RunStopped, is_actor_death
 from launch.data.prepare import load_prompts, prepare_prompts
 from launch.data.prompts import PromptSampler
 from launch.models.resolve import resolve_model_path
@@ -20,7 +28,6 @@ from launch.reporting.progress import Progress
 from launch.training import checkpoint
 from launch.training.evaluation import EvalResult, evaluate, load_eval_results
 from launch.training.step_metrics import average_learner_metrics, prompt_ids_hash, summarize_rollout
-from verifier.shaping import shape_rewards
 
 log = logging.getLogger("lpreg")
 
@@ -40,17 +47,20 @@ def prepare_run_dir(cfg: LpregConfig) -> Path:
     return run_dir
 
 
-class Trainer:
-    """Runs one training job: start the actors, then rollout -> verify -> update -> sync.
+class LearnerLost(RuntimeError):
+    """A learner rank died: the DeepSpeed group cannot go on without it."""
 
-    ``run`` owns the lifetime of everything it starts; the per-step work lives in
-    ``_train_step`` so that the loop reads as the algorithm does.
-    """
+
+class Trainer:
+    """Runs one training job: start the actors, then step after step, healing as it goes."""
 
     def __init__(self, cfg: LpregConfig):
         self.cfg = cfg
-        self.rollout = self.learners = self.sync = None
+        self.pool = self.learners = self.sync = self.pipeline = None
         self.evaluations: list[EvalResult] = []
+        self.learner_restarts = 0
+        self._recovery_s = 0.0  # learner recoveries not yet reported in a step's metrics
+        self._reported = {"redispatched": 0, "recovery_s": 0.0, "interrupted": 0}
 
     def run(self) -> RunResult:
         from transformers import AutoTokenizer
@@ -75,6 +85,9 @@ class Trainer:
                 checkpoint.read_state(resume_from), world_size=cfg.learner.num_workers,
                 zero_stage=cfg.learner.zero_stage, num_prompts=len(self.prompts.records),
                 where=resume_from)
+        if cfg.trainer.save_every == 0 and cfg.trainer.max_restarts > 0:
+            log.warning("trainer.save_every=0: there will be no checkpoint to continue from, so "
+                        "losing a learner rank ends the run (rollout workers are still replaced)")
         self.run_dir = prepare_run_dir(cfg)
 
         import ray
@@ -85,24 +98,31 @@ class Trainer:
         log.info("Ray: %s; model: %s; run directory: %s", where, self.model_path, self.run_dir)
 
         self.verifier = MathVerifier.from_config(cfg.verifier)
-        placement = progress = None
+        self.placement = progress = None
         writer = MetricsWriter(self.run_dir)
         last: dict = {}
         try:
-            placement = Placement.create(cfg)
-            self._start_actors(placement)
-            start_step = self._resume(resume_from) if resume_from is not None else 0
+            self.placement = Placement.create(cfg)
+            self._start_actors()
+            step = self._resume(resume_from) if resume_from is not None else 0
             if resume_from is None and cfg.trainer.eval_every >= 0:
                 self._evaluate(0)
-            progress = Progress(cfg.trainer.total_steps, start_step, enabled=cfg.trainer.progress_bar)
-            for step in range(start_step + 1, cfg.trainer.total_steps + 1):
-                metrics = self._train_step(step)
-                if self._eval_due(step):
-                    metrics.update(self._evaluate(step))
-                # Saved before the step's record is written: a step in metrics.jsonl
-                # that was due a checkpoint has a complete one.
-                if checkpoint.due(step, cfg.trainer.save_every, cfg.trainer.total_steps):
-                    metrics["timing/checkpoint_s"] = self._save_checkpoint(step)
+            progress = Progress(cfg.trainer.total_steps, step, enabled=cfg.trainer.progress_bar)
+            self._step_end = time.perf_counter()
+            while step < cfg.trainer.total_steps:
+                try:
+                    metrics = self._train_step(step + 1)
+                    if self._eval_due(step + 1):
+                        metrics.update(self._evaluate(step + 1))
+                    # Saved before the step's record is written: a step in metrics.jsonl
+                    # that was due a checkpoint has a complete one.
+                    if checkpoint.due(step + 1, cfg.trainer.save_every, cfg.trainer.total_steps):
+                        metrics["timing/checkpoint_s"] = self._save_checkpoint(step + 1)
+                except LearnerLost as lost:
+                    step = self._recover_learners(lost)
+                    continue
+                step += 1
+                metrics.update(self._health_metrics())
                 writer.write(step, metrics)
                 last = metrics
                 progress.update(step, metrics)
@@ -111,11 +131,11 @@ class Trainer:
                 progress.close()
             writer.close()
             self.verifier.close()
-            for group in (self.rollout, self.learners):
+            for group in (self.pool, self.learners):
                 if group is not None:
                     group.shutdown()
-            if placement is not None:
-                placement.remove()
+            if self.placement is not None:
+                self.placement.remove()
             if started_ray:
                 ray.shutdown()
         return RunResult(run_dir=self.run_dir, steps=cfg.trainer.total_steps, last_metrics=last,
@@ -123,24 +143,45 @@ class Trainer:
 
     # --- phases of a run -----------------------------------------------------------
 
-    def _start_actors(self, placement) -> None:
-        from launch.cluster.learner_group import LearnerGroup
-        from launch.cluster.rollout_group import RolloutGroup
-        from launch.training.weight_sync import make_weight_sync, weight_transport
+    def _start_actors(self) -> None:
+        from launch.cluster.rollout_pool import RolloutPool
+        from launch.training.pipeline import RolloutPipeline
 
         cfg = self.cfg
         t0 = time.perf_counter()
-        log.info("placement groups: %s", placement.describe())
-        self.rollout = RolloutGroup(cfg.rollout.num_workers, self.model_path, cfg.model, cfg.rollout,
-                                    seed=cfg.trainer.seed, placement=placement.rollout)
+        log.info("placement groups: %s", self.placement.describe())
+        self.pool = RolloutPool(cfg.rollout.num_workers, self.model_path, cfg.model, cfg.rollout,
+                                seed=cfg.trainer.seed, placement=self.placement.rollout,
+                                on_change=self._write_actors)
+        self._start_learners()
+        self.pipeline = RolloutPipeline(cfg, self.pool, self.sampler,
+                                        lambda record: self.prompts.ids_of[id(record)], self.verifier)
+        self.version = 0
+        log.info("actors ready in %.1fs", time.perf_counter() - t0)
+
+    def _start_learners(self) -> None:
+        from launch.cluster.learner_group import LearnerGroup
+        from launch.training.weight_sync import make_weight_sync, weight_transport
+
+        cfg = self.cfg
         self.learners = LearnerGroup(
             self.model_path, cfg.model, cfg.learner, cfg.algorithm,
             temperature=cfg.rollout.temperature, total_steps=cfg.trainer.total_steps,
-            seed=cfg.trainer.seed, placement=placement.learner)
-        self.sync = make_weight_sync(weight_transport(cfg), self.learners, self.rollout,
-                                     timeout_s=cfg.rollout.timeout_s)
-        self.version = 0
-        log.info("actors ready in %.1fs", time.perf_counter() - t0)
+            seed=cfg.trainer.seed, placement=self.placement.learner)
+        self.sync = make_weight_sync(weight_transport(cfg), self.learners, self.pool,
+                                     timeout_s=cfg.rollout.timeout_s,
+                                     partial=cfg.rollout.partial_rollout)
+        self._write_actors()
+
+    def _write_actors(self) -> None:
+        """``actors.json`` in the run directory: every actor's name, process id and node."""
+        if self.pool is None:
+            return
+        actors = {"rollout": self.pool.describe_actors(),
+                  "learner": self.learners.describe_actors() if self.learners else []}
+        tmp = self.run_dir / "actors.json.tmp"
+        tmp.write_text(json.dumps(actors, indent=1))
+        os.replace(tmp, self.run_dir / "actors.json")
 
     def _resume(self, resume_from: Path) -> int:
         """Restore learners and sampler; returns the step the checkpoint was taken after."""
@@ -153,6 +194,38 @@ class Trainer:
         log.info("resumed from %s: step %d, weight version %d", resume_from, state.step, self.version)
         return state.step
 
+    def _recover_learners(self, lost: LearnerLost) -> int:
+        """A new learner group from the newest checkpoint; returns the step to continue after."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        if cfg.trainer.save_every == 0:
+            raise RunStopped(f"{lost}; with trainer.save_every=0 there is no checkpoint to continue "
+                             "from, so the run stops (set trainer.save_every to let it heal)")
+        if self.learner_restarts >= cfg.trainer.max_restarts:
+            raise RunStopped(f"{lost}; trainer.max_restarts={cfg.trainer.max_restarts} "
+                             "restarts of the learner group are used up, so the run stops")
+        self.learner_restarts += 1
+        self.learners.shutdown()
+        # Work generated for later steps came from weights the run is about to give up.
+        self.pipeline.reset()
+        self._start_learners()
+        newest = checkpoint.find_latest(self.checkpoints_dir)
+        if newest is not None:
+            state = checkpoint.restore(newest, self.learners, self.sampler)
+            step, self.version, source = state.step, state.weight_version, str(newest)
+        else:  # before the first checkpoint: the start of the run is the newest state
+            self.sampler.load_state({"epoch": 0, "position": 0})
+            step, self.version, source = 0, 0, f"the start of the run ({self.model_path})"
+        self.sync.push(self.version)
+        self.evaluations = [e for e in self.evaluations if e.step <= step]
+        took = time.perf_counter() - started
+        self._recovery_s += took
+        log.warning("recovered the learners: %s; rebuilt %d ranks from %s (step %d, weights v%d) "
+                    "and pushed them to the rollout workers in %.1fs", lost, cfg.learner.num_workers,
+                    source, step, self.version, took)
+        self._step_end = time.perf_counter()
+        return step
+
     def _eval_due(self, step: int) -> bool:
         every = self.cfg.trainer.eval_every
         return (every > 0 and step % every == 0) or (every >= 0 and step == self.cfg.trainer.total_steps)
@@ -161,14 +234,26 @@ class Trainer:
         if not self.prompts.eval_records:
             return {}
         cfg = self.cfg.trainer
-        result = evaluate(self.rollout, self.verifier, self.prompts.eval_records,
+        result = evaluate(self.pool, self.verifier, self.prompts.eval_records,
                           self.prompts.eval_ids, step=step, temperature=cfg.eval_temperature,
-                          samples=cfg.eval_samples, seed=cfg.seed)
+                          samples=cfg.eval_samples, seed=cfg.seed,
+                          max_response_tokens=self.cfg.rollout.max_response_tokens,
+                          top_p=self.cfg.rollout.top_p)
         self.evaluations.append(result)
         with (self.run_dir / "eval.jsonl").open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(result.as_record(), sort_keys=True) + "\n")
         log.info("eval at step %d: %s", step, _headline(result.metrics))
         return result.metrics
+
+    def _learners(self, refs: list, what: str) -> list:
+        """Wait for learner calls while the rollout pool keeps moving; a dead rank is LearnerLost."""
+        try:
+            return self.pool.wait_refs(refs, self.cfg.learner.timeout_s, what)
+        except Exception as err:
+            if is_actor_death(err):
+                raise LearnerLost(f"a learner rank died while {what} "
+                                  f"({self.learners.name_of_failure(err)})") from err
+            raise
 
     def _train_step(self, step: int) -> dict:
         """Rollout -> verify -> advantages -> update -> weight sync; returns the step's metrics."""
@@ -176,62 +261,91 @@ class Trainer:
         from learner.batch import build_train_batch
 
         cfg = self.cfg
-        step_start = time.perf_counter()
-        batch_records = self.sampler.next_batch()
-        roll = self.rollout.generate([self.prompts.ids_of[id(r)] for r in batch_records],
-                                     seed=cfg.trainer.seed * 100_003 + step)
-        samples = roll.samples
+        busy_before = self.pool.busy_seconds()
+        wait_start = time.perf_counter()
+        batch = self.pipeline.take(step, learner_version=self.version)
+        wait_s = time.perf_counter() - wait_start
+        if not batch.samples:
+            raise RunStopped(f"step {step}: no group left to train on (see rollout/dropped_stale_samples "
+                             "and rollout/filtered_groups)")
 
-        report = self.verifier.score_batch_detailed(
-            [s.response_text for s in samples], [batch_records[s.prompt_index].answer for s in samples])
-        rewards, shaping_metrics = shape_rewards(
-            report.scores, [len(s.response_token_ids) for s in samples],
-            [s.finish_reason for s in samples], cfg.verifier, cfg.rollout.max_response_tokens)
         advantages = compute_advantages(
-            cfg.algorithm.advantage, torch.tensor(rewards, dtype=torch.float32),
-            torch.tensor([s.prompt_index for s in samples]))
-        batch = build_train_batch(samples, advantages, self.tokenizer.pad_token_id)
+            cfg.algorithm.advantage, torch.tensor(batch.rewards, dtype=torch.float32),
+            torch.tensor([s.prompt_index for s in batch.samples]))
+        train_batch = build_train_batch(batch.samples, advantages, self.tokenizer.pad_token_id)
 
         update_start = time.perf_counter()
-        learner_results = self.learners.train_step(batch)
+        learner_results = self._learners(self.learners.train_step_refs(train_batch),
+                                         "training on the step's batch")
         update_s = time.perf_counter() - update_start
 
         self.version += 1
-        sync_report = self.sync.push(self.version)
+        try:
+            sync_report = self.sync.push(self.version)
+        except Exception as err:
+            if is_actor_death(err) and not isinstance(err, RunStopped):
+                raise LearnerLost(f"a learner rank died while exporting weights "
+                                  f"({self.learners.name_of_failure(err)})") from err
+            raise
 
-        metrics = summarize_rollout(samples, rewards, cfg.rollout.max_response_tokens)
-        metrics["data/prompt_ids_hash"] = prompt_ids_hash(batch_records)
-        metrics.update(report.metrics())
-        metrics.update(shaping_metrics)  # reward/overlong_penalty_mean, when the penalty is on
+        step_end = time.perf_counter()
+        step_s = step_end - self._step_end
+        self._step_end = step_end
+        metrics = summarize_rollout(batch.samples, batch.rewards, cfg.rollout.max_response_tokens)
+        metrics["data/prompt_ids_hash"] = prompt_ids_hash(batch.records)
+        metrics.update(batch.metrics)
         metrics.update(average_learner_metrics(learner_results))
-        num_tokens = sum(roll.tokens_per_worker)
-        staleness = [self.version - 1 - s.weight_version for s in samples]
+        num_tokens = sum(len(s.response_token_ids) for s in batch.samples)
+        busy = [after - before for before, after in zip(busy_before, self.pool.busy_seconds(),
+                                                        strict=True)]
         metrics.update({
-            "timing/rollout_s": roll.seconds,
+            "timing/rollout_wait_s": wait_s,
             "timing/update_s": update_s,
             "timing/weight_sync_s": sync_report.seconds,
-            "timing/step_s": time.perf_counter() - step_start,
-            "rollout/tokens_per_s": num_tokens / roll.seconds if roll.seconds else 0.0,
-            "rollout/requests_per_worker": roll.requests_per_worker,
-            "rollout/tokens_per_worker": roll.tokens_per_worker,
-            "rollout/staleness_max": max(staleness),
+            "timing/step_s": step_s,
+            # The learners work only during the update; the workers only while generating.
+            "timing/learner_idle_s": max(0.0, step_s - update_s),
+            "timing/rollout_idle_s": max(0.0, step_s - sum(busy) / len(busy)) if busy else 0.0,
             "weights/version": self.version,
             "weights/sync_bytes": sync_report.num_bytes,
-            "perf/throughput": num_tokens / (time.perf_counter() - step_start),
+            "perf/throughput": num_tokens / step_s if step_s > 0 else 0.0,
         })
         if cfg.rollout.verify_weight_sync:
-            metrics["weights/rollout_checksums"] = self.rollout.weights_checksums()
+            metrics["weights/rollout_checksums"] = self.pool.checksums()
+        return metrics
+
+    def _health_metrics(self) -> dict:
+        """Restarts so far; re-dispatched requests, interrupted samples and recovery time since
+        the last step's record."""
+        counters = self.pool.counters
+        metrics = {
+            "rollout/restarts": counters.restarts,
+            "learner/restarts": self.learner_restarts,
+            "rollout/redispatched_requests": counters.redispatched_requests - self._reported["redispatched"],
+            "rollout/interrupted_samples": counters.interrupted_samples - self._reported["interrupted"],
+            "timing/recovery_s": (counters.recovery_s - self._reported["recovery_s"]) + self._recovery_s,
+        }
+        self._reported = {"redispatched": counters.redispatched_requests,
+                          "recovery_s": counters.recovery_s,
+                          "interrupted": counters.interrupted_samples}
+        self._recovery_s = 0.0
         return metrics
 
     def _save_checkpoint(self, step: int) -> float:
         """Saves a resumable checkpoint; returns the seconds it took."""
         cfg = self.cfg
         save_start = time.perf_counter()
-        saved = checkpoint.save(self.checkpoints_dir, checkpoint.TrainerState(
-            step=step, weight_version=self.version, sampler=self.sampler.state(),
-            num_prompts=len(self.prompts.records), learner_world_size=cfg.learner.num_workers,
-            zero_stage=cfg.learner.zero_stage, seed=cfg.trainer.seed, model_path=self.model_path),
-            self.learners, cfg.trainer.keep_last)
+        try:
+            saved = checkpoint.save(self.checkpoints_dir, checkpoint.TrainerState(
+                step=step, weight_version=self.version, sampler=self.pipeline.sampler_state(),
+                num_prompts=len(self.prompts.records), learner_world_size=cfg.learner.num_workers,
+                zero_stage=cfg.learner.zero_stage, seed=cfg.trainer.seed, model_path=self.model_path),
+                self.learners, cfg.trainer.keep_last)
+        except Exception as err:
+            if is_actor_death(err):
+                raise LearnerLost(f"a learner rank died while saving a checkpoint "
+                                  f"({self.learners.name_of_failure(err)})") from err
+            raise
         log.info("checkpoint saved: %s", saved)
         return time.perf_counter() - save_start
 

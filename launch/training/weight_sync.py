@@ -18,14 +18,13 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from conf.schema import LpregConfig
-from launch.cluster.remote import wait_named
 
 if TYPE_CHECKING:
     from launch.cluster.learner_group import LearnerGroup
-    from launch.cluster.rollout_group import RolloutGroup
+    from launch.cluster.rollout_pool import RolloutPool
 
 
 @dataclass
@@ -37,34 +36,53 @@ class SyncReport:
 
 
 class WeightSync(ABC):
-    """Publishes the learners' current weights to every rollout worker."""
+    """Publishes the learners' current weights to every rollout worker.
 
-    def __init__(self, learners: LearnerGroup, rollout: RolloutGroup, timeout_s: float):
+    ``partial``: samples still generating continue under the new weights instead of
+    finishing under the old ones first (``rollout.partial_rollout``).
+    """
+
+    def __init__(self, learners: LearnerGroup, pool: RolloutPool, timeout_s: float, partial: bool):
         self.learners = learners
-        self.rollout = rollout
+        self.pool = pool
         self.timeout_s = timeout_s
+        self.partial = partial
 
     @abstractmethod
     def push(self, version: int) -> SyncReport:
-        """Send the weights; returns once every rollout worker serves ``version``."""
+        """Send the weights; returns once every live rollout worker serves ``version``."""
+
+    def _export_stats(self) -> tuple[int, int]:
+        (stats,) = self.pool.wait_refs([self.learners.rank0.last_export_stats.remote()],
+                                       self.timeout_s, "learner-0 to report its weight export")
+        return stats
 
 
 class ObjectStoreWeightSync(WeightSync):
+    def __init__(self, learners: LearnerGroup, pool: RolloutPool, timeout_s: float, partial: bool):
+        super().__init__(learners, pool, timeout_s, partial)
+        self.current: tuple[Any, int] | None = None
+        pool.load_current_weights = self._load_current
+
     def push(self, version: int) -> SyncReport:
         start = time.perf_counter()
         # Every rank takes part, because ZeRO-3 has to gather the shards; rank 0's
         # result is the full state. The object reference goes to the workers as it
         # is, so the driver never downloads the weights.
         exports = self.learners.export_weights_refs()
-        loads = {name: worker.load_weights.remote(exports[0], version)
-                 for name, worker in self.rollout.named_workers()}
-        wait_named(loads, self.timeout_s, "load new weights")
-        stats = wait_named({"learner-0": self.learners.rank0.last_export_stats.remote()},
-                           self.timeout_s, "report its weight export")["learner-0"]
-        wait_named({f"learner-{i}": ref for i, ref in enumerate(exports)},
-                   self.timeout_s, "export weights")
+        # Kept while it is current: a replacement worker loads it before serving.
+        self.current = (exports[0], version)
+        self.pool.push_weights(exports[0], version, self.partial)
+        stats = self._export_stats()
+        self.pool.wait_refs(exports, self.timeout_s, "the learners to export their weights")
         return SyncReport(version=version, seconds=time.perf_counter() - start,
                           num_tensors=stats[0], num_bytes=stats[1])
+
+    def _load_current(self, worker) -> Any:
+        if self.current is None:
+            return None  # it loaded model.path, which is version 0
+        weights, version = self.current
+        return worker.load_weights.remote(weights, version, False)
 
 
 class NcclWeightSync(WeightSync):
@@ -73,33 +91,44 @@ class NcclWeightSync(WeightSync):
     Learner rank 0 is NCCL rank 0 in a group with each engine's tensor-parallel ranks
     and broadcasts bucket by bucket (vLLM packs the tensors into fixed-size buffers).
     Other learner ranks only join the ZeRO-3 gather. Requires CUDA on both sides.
+    The engines are parked around the broadcast, as for the object-store path. A
+    replacement worker cannot join the NCCL groups of a running run: losing a rollout
+    worker with this transport stops the run.
     """
 
-    def __init__(self, learners: LearnerGroup, rollout: RolloutGroup, timeout_s: float):
-        super().__init__(learners, rollout, timeout_s)
+    def __init__(self, learners: LearnerGroup, pool: RolloutPool, timeout_s: float, partial: bool):
+        super().__init__(learners, pool, timeout_s, partial)
         self._initialised = False
+        pool.load_current_weights = self._cannot_replace
 
     def _initialise(self) -> None:
-        handles = [worker for _, worker in self.rollout.named_workers()]
-        wait_named({"learner-0": self.learners.rank0.init_nccl_weight_transfer.remote(
-            handles, self.rollout.cfg.tensor_parallel_size)}, self.timeout_s,
-            "open the NCCL weight-transfer groups")
+        handles = [slot.handle for slot in self.pool.live_slots()]
+        self.pool.wait_refs([self.learners.rank0.init_nccl_weight_transfer.remote(
+            handles, self.pool.cfg.tensor_parallel_size)], self.timeout_s,
+            "learner-0 to open the NCCL weight-transfer groups")
         self._initialised = True
 
     def push(self, version: int) -> SyncReport:
         start = time.perf_counter()
         if not self._initialised:
             self._initialise()
-        sends = self.learners.send_weights_nccl_refs()
-        wait_named({f"learner-{i}": ref for i, ref in enumerate(sends)}, self.timeout_s,
-                   "broadcast weights over NCCL")
-        wait_named({name: worker.set_weight_version.remote(version)
-                    for name, worker in self.rollout.named_workers()},
-                   self.timeout_s, "record the new weight version")
-        stats = wait_named({"learner-0": self.learners.rank0.last_export_stats.remote()},
-                           self.timeout_s, "report its weight export")["learner-0"]
+        workers = [slot.handle for slot in self.pool.live_slots()]
+        self.pool.wait_refs([w.begin_weight_update.remote(self.partial) for w in workers],
+                            self.timeout_s, "the rollout workers to pause for new weights")
+        self.pool.wait_refs(self.learners.send_weights_nccl_refs(), self.timeout_s,
+                            "the learners to broadcast weights over NCCL")
+        self.pool.wait_refs([w.end_weight_update.remote(version) for w in workers],
+                            self.timeout_s, "the rollout workers to record the new weight version")
+        stats = self._export_stats()
         return SyncReport(version=version, seconds=time.perf_counter() - start,
                           num_tensors=stats[0], num_bytes=stats[1])
+
+    def _cannot_replace(self, worker) -> Any:
+        from launch.cluster.rollout_pool import RolloutFailure
+
+        raise RolloutFailure("a rollout worker was lost, and a replacement cannot join the NCCL "
+                             "weight transfer of a running run; resume the run from its newest "
+                             "checkpoint (trainer.resume=auto), or use rollout.weight_sync=object_store")
 
 
 def weight_transport(cfg: LpregConfig) -> str:
@@ -115,6 +144,6 @@ TRANSPORTS: dict[str, type[WeightSync]] = {
 }
 
 
-def make_weight_sync(transport: str, learners: LearnerGroup, rollout: RolloutGroup,
-                     timeout_s: float) -> WeightSync:
-    return TRANSPORTS[transport](learners, rollout, timeout_s)
+def make_weight_sync(transport: str, learners: LearnerGroup, pool: RolloutPool,
+                     timeout_s: float, partial: bool) -> WeightSync:
+    return TRANSPORTS[transport](learners, pool, timeout_s, partial)

@@ -1,0 +1,167 @@
+"""Bookkeeping of a worker's groups while they generate: pure Python, no vLLM.
+
+Every sample of a group is its own engine request (``n = 1``, seed ``seed + j``: the seed
+vLLM's own ``n > 1`` fan-out gives child j), so a sample can be interrupted and continued
+on its own. A sample is made of segments: normally one; with partial rollouts, a weight
+update ends the running segment, and the sample continues in a new request whose prompt
+is the original prompt plus every token so far. Each token keeps the weight version of the
+segment that produced it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rollout.types import GroupRequest, GroupResult, Sample
+
+# Seed offset between the segments of one sample: a continuation draws fresh random numbers.
+SEGMENT_SEED_STRIDE = 7919
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What the engine thread hands to vLLM for one segment of one sample."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    seed: int
+    temperature: float
+    top_p: float
+
+
+@dataclass
+class SampleProgress:
+    group_id: str
+    index: int  # j within the group
+    prompt_token_ids: list[int]
+    max_tokens: int
+    seed: int
+    tokens: list[int] = field(default_factory=list)  # of finished segments
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    segment: int = 0
+    segment_version: int = 0
+    segment_tokens: list[int] = field(default_factory=list)  # of the running segment
+    segment_logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return f"{self.group_id}/{self.index}/{self.segment}"
+
+    def close_segment(self) -> None:
+        self.tokens += self.segment_tokens
+        self.logprobs += self.segment_logprobs
+        self.versions += [self.segment_version] * len(self.segment_tokens)
+        self.segment_tokens, self.segment_logprobs = [], []
+
+
+@dataclass
+class GroupProgress:
+    request: GroupRequest
+    samples: list[SampleProgress]
+    arrived: float
+
+
+class SampleBook:
+    """The groups a worker holds, and the engine requests that produce them."""
+
+    def __init__(self, worker_index: int, decode=None):
+        """``decode(token_ids) -> str`` spells out a response that ran in several segments
+        (the engine's own text covers only the last one)."""
+        self.worker_index = worker_index
+        self.decode = decode or (lambda ids: "")
+        self.groups: dict[str, GroupProgress] = {}
+        self.running: dict[str, SampleProgress] = {}  # request id -> sample
+        self.finished: list[GroupResult] = []
+        self.interrupted = 0
+
+    def add_group(self, request: GroupRequest) -> list[SampleProgress]:
+        if request.group_id in self.groups:
+            raise ValueError(f"group {request.group_id!r} is already on worker {self.worker_index}")
+        s = request.sampling
+        samples = [SampleProgress(request.group_id, j, list(request.prompt_token_ids),
+                                  s.max_response_tokens, s.seed + j)
+                   for j in range(s.samples_per_prompt)]
+        self.groups[request.group_id] = GroupProgress(request, samples, time.perf_counter())
+        return samples
+
+    def start(self, sample: SampleProgress, version: int) -> EngineRequest:
+        """The engine request for the sample's next segment, generated under ``version``."""
+        sample.segment_version = version
+        self.running[sample.request_id] = sample
+        sampling = self.groups[sample.group_id].request.sampling
+        return EngineRequest(
+            request_id=sample.request_id,
+            prompt_token_ids=sample.prompt_token_ids + sample.tokens,
+            max_tokens=sample.max_tokens - len(sample.tokens),
+            seed=sample.seed + SEGMENT_SEED_STRIDE * sample.segment,
+            temperature=sampling.temperature, top_p=sampling.top_p)
+
+    def on_output(self, request_id: str, token_ids: list[int], logprobs: list[float],
+                  finish_reason: str | None, text: str) -> GroupResult | None:
+        """Record a cumulative output of a running segment; returns the group if it is done."""
+        sample = self.running.get(request_id)
+        if sample is None:  # an aborted request's last words
+            return None
+        sample.segment_tokens, sample.segment_logprobs = list(token_ids), list(logprobs)
+        if finish_reason is None:
+            return None
+        del self.running[request_id]
+        sample.close_segment()
+        sample.finish_reason = finish_reason
+        sample.text = text if sample.segment == 0 else self.decode(sample.tokens)
+        return self._maybe_finish(sample.group_id)
+
+    def interrupt_all(self) -> tuple[list[SampleProgress], list[str]]:
+        """End every running segment (a weight update is coming).
+
+        Returns the samples to continue and the engine requests to abort. A sample whose
+        token budget is already spent finishes instead of continuing.
+        """
+        to_continue, to_abort = [], []
+        for request_id, sample in list(self.running.items()):
+            del self.running[request_id]
+            to_abort.append(request_id)
+            sample.close_segment()
+            sample.segment += 1
+            self.interrupted += 1
+            if len(sample.tokens) >= sample.max_tokens:
+                sample.finish_reason = "length"
+                sample.text = self.decode(sample.tokens)
+                done = self._maybe_finish(sample.group_id)
+                if done is not None:
+                    self.finished.append(done)
+            else:
+                to_continue.append(sample)
+        return to_continue, to_abort
+
+    def _maybe_finish(self, group_id: str) -> GroupResult | None:
+        group = self.groups[group_id]
+        if any(s.finish_reason is None for s in group.samples):
+            return None
+        del self.groups[group_id]
+        samples = [Sample(prompt_index=0, prompt_token_ids=s.prompt_token_ids,
+                          response_token_ids=s.tokens, response_logprobs=s.logprobs,
+                          finish_reason=s.finish_reason or "length",
+                          weight_version=min(s.versions, default=s.segment_version),
+                          worker_index=self.worker_index, response_text=s.text,
+                          token_versions=s.versions)
+                   for s in group.samples]
+        return GroupResult(group_id, samples, self.worker_index,
+                           generate_s=time.perf_counter() - group.arrived)
+
+    def drop_all(self) -> list[str]:
+        """Forget every group; returns the engine requests still running, to abort."""
+        running = list(self.running)
+        self.groups.clear()
+        self.running.clear()
+        self.finished.clear()
+        return running
+
+    @property
+    def in_flight_samples(self) -> int:
+        return sum(len(g.samples) for g in self.groups.values())

@@ -4,8 +4,9 @@ All tensors are ``(batch, length)`` and token-level; ``response_mask`` marks the
 tokens that count. ``POLICY_LOSSES`` maps each name (``algorithm.loss``) to a function
 ``(LossInputs, AlgorithmConfig) -> PolicyTerms`` that reads its hyper-parameters from the
 algorithm section and builds a per-token loss matrix; ``policy_loss`` is the one entry point:
-it cleans the padding, calls the loss, aggregates with ``aggregate_loss`` and adds the
-entropy bonus, which combines with any of them.
+it cleans the padding, applies the rollout correction (``learner.rollout_correction``),
+calls the loss, aggregates with ``aggregate_loss`` and adds the entropy bonus and the KL to
+a reference policy, which combine with any of them.
 
 Lp-Reg (Huang et al., 2025). Among valid tokens with negative advantage, take the
 ``k = floor(neg_frac * N_neg)`` tokens with the lowest current log-prob (only when k >= 2),
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from conf.schema import AlgorithmConfig
 from learner.proxy import FILTERED_LOG_PROB
+from learner.rollout_correction import rollout_correction
 
 __all__ = [
     "AGG_MODES",
@@ -189,6 +191,10 @@ class LossInputs:
     proxy_log_prob: Tensor | None = None
     entropy: Tensor | None = None  # token entropy, with grad for the bonus; needed by entropy_8020
     generator: torch.Generator | None = None  # Clip-Cov's random choice (CPU generator)
+    # The behaviour policy's log-probs (vLLM's); needed by algorithm.rollout_correction.
+    rollout_log_prob: Tensor | None = None
+    # A frozen reference policy's log-probs; needed when algorithm.kl_loss_coef > 0.
+    ref_log_prob: Tensor | None = None
 
     @property
     def valid(self) -> Tensor:
@@ -339,7 +345,15 @@ def policy_loss(
     Hyper-parameters come from ``algo``: the clip range, Lp-Reg's rho/beta/KL estimator, the
     baselines' knobs, ``loss_agg_mode`` (see ``aggregate_loss``; ``loss_scale_factor`` for the
     Dr.GRPO mode) and ``entropy_coef``, the weight of the entropy bonus: the loss becomes
-    ``pg_loss - coef * agg(entropy)``.
+    ``pg_loss - coef * agg(entropy)``. With ``kl_loss_coef > 0`` it also gets
+    ``kl_loss_coef * agg(kl_penalty(log_prob, ref_log_prob, kl_loss_type))``.
+
+    ``rollout_correction`` (needs ``inputs.rollout_log_prob``): ``tis`` multiplies every
+    token's policy-loss term by its detached truncated weight; ``mis`` hands the loss only
+    the tokens of the sequences it keeps (selections and aggregation run over those), while
+    the token-mean denominator stays ``global_num_tokens`` (the count of all valid tokens
+    when not given): a dropped sequence adds zero. The entropy bonus and the reference KL
+    are not corrected.
 
     ``global_num_tokens`` / ``global_num_seqs``: totals over all micro-batches and ranks (see
     ``aggregate_loss``), so that the per-call losses add up to the loss of the whole batch.
@@ -368,14 +382,29 @@ def policy_loss(
         advantages=clean(inputs.advantages.detach()),
         entropy=clean(inputs.entropy),
         proxy_log_prob=None if inputs.proxy_log_prob is None else inputs.proxy_log_prob.detach().to(dtype),
+        rollout_log_prob=clean(None if inputs.rollout_log_prob is None else inputs.rollout_log_prob.detach()),
+        ref_log_prob=clean(None if inputs.ref_log_prob is None else inputs.ref_log_prob.detach()),
     )
-    terms = loss_fn(x, algo)
+    correction_mode = algo.rollout_correction
+    if correction_mode != "none" and x.rollout_log_prob is None:
+        raise ValueError(f"rollout_correction={correction_mode!r} needs rollout_log_prob")
+    correction = rollout_correction(correction_mode, x.old_log_prob, x.rollout_log_prob, valid,
+                                    algo.rollout_correction_cap) if correction_mode != "none" else None
+    loss_inputs = x
+    if correction is not None and correction.keep is not None:
+        loss_inputs = replace(x, response_mask=correction.keep)
+        if global_num_tokens is None:
+            global_num_tokens = valid.sum().clamp(min=1).to(dtype)
+    terms = loss_fn(loss_inputs, algo)
+    pg_losses = terms.pg_losses
+    if correction is not None and correction.weights is not None:
+        pg_losses = pg_losses * correction.weights
     num_tokens = global_num_tokens
     if global_num_tokens is not None and terms.token_fraction != 1.0:
         num_tokens = global_num_tokens * terms.token_fraction
     pg_loss = aggregate_loss(
-        terms.pg_losses,
-        valid if terms.loss_mask is None else terms.loss_mask,
+        pg_losses,
+        loss_inputs.valid if terms.loss_mask is None else terms.loss_mask,
         terms.agg_mode or algo.loss_agg_mode,
         global_num_tokens=num_tokens,
         global_num_seqs=global_num_seqs,
@@ -392,8 +421,25 @@ def policy_loss(
             loss_scale_factor=algo.loss_scale_factor,
         )
         loss = loss - algo.entropy_coef * entropy_loss
+    kl_loss = None
+    if algo.kl_loss_coef > 0.0:
+        if x.ref_log_prob is None:
+            raise ValueError("kl_loss_coef > 0 needs ref_log_prob")
+        kl_loss = aggregate_loss(
+            kl_penalty(x.log_prob, x.ref_log_prob, algo.kl_loss_type),
+            valid,
+            algo.loss_agg_mode,
+            global_num_tokens=global_num_tokens,
+            global_num_seqs=global_num_seqs,
+            loss_scale_factor=algo.loss_scale_factor,
+        )
+        loss = loss + algo.kl_loss_coef * kl_loss
 
     metrics = dict(terms.metrics)
+    if correction is not None:
+        metrics.update(correction.metrics)
+    if kl_loss is not None:
+        metrics["actor/kl_loss"] = kl_loss
     metrics["actor/pg_loss"] = pg_loss.detach()
     metrics["actor/ppo_kl"] = masked_mean(-x.log_ratio.detach(), valid)
     metrics["actor/low_prob_frac"] = masked_mean(x.log_prob.detach() < math.log(LOW_PROB), valid)

@@ -119,6 +119,12 @@ def _check_combinations(cfg: LpregConfig) -> None:
     if not cfg.trainer.output_dir:
         raise ConfigError("config key 'trainer.output_dir' is empty")
     _check_loggers_and_overlong_buffer(cfg)
+    algo = cfg.algorithm
+    if algo.stale_policy == "behaviour" and algo.loss == "lp_reg" and cfg.rollout.top_logprobs < 1:
+        raise ConfigError("config key 'algorithm.stale_policy' is 'behaviour', which takes Lp-Reg's "
+                          "min-p proxy from the generating policy's top-K log-probs: set "
+                          "rollout.top_logprobs >= 1 (the proxy is exact where the listed tokens "
+                          "include every token the min-p filter keeps)")
 
 
 def _check_loggers_and_overlong_buffer(cfg: LpregConfig) -> None:

@@ -11,11 +11,16 @@ the learner, only as wide as its own longest prompt and response.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from rollout.types import Sample
+
+if TYPE_CHECKING:
+    from conf.schema import AlgorithmConfig
 
 
 @dataclass
@@ -34,9 +39,17 @@ class TrainBatch:
     advantages: torch.Tensor  # (B,) one value per response
     rollout_log_probs: torch.Tensor  # (B, R) log-probs vLLM reported while sampling
     prompt_length: int
-    # Filled by the learner's no-grad pass when a batch is reused (off-policy).
+    # (B, R) long: learner version - the version that produced the token; 0 = fresh.
+    staleness: torch.Tensor | None = None
+    # (B, R): the generating policy's min-p proxy (stale_policy=behaviour), and where its
+    # top-K list may have missed kept tokens (bool).
+    behaviour_proxy_log_probs: torch.Tensor | None = None
+    behaviour_proxy_inexact: torch.Tensor | None = None
+    # Filled by the learner's no-grad passes: pi_old and the proxy when a batch is reused
+    # (off-policy), the reference policy's log-probs when there is a KL loss.
     old_log_probs: torch.Tensor | None = None
     proxy_log_probs: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -76,6 +89,10 @@ class RaggedBatch:
     rollout_log_probs: torch.Tensor  # (sum of response lengths,) aligned with response_tokens
     advantages: torch.Tensor  # (B,) one value per response
     pad_token_id: int
+    # Optional per-token fields, aligned with response_tokens (see TrainBatch).
+    staleness: torch.Tensor | None = None  # long
+    behaviour_proxy_log_probs: torch.Tensor | None = None
+    behaviour_proxy_inexact: torch.Tensor | None = None  # bool
 
     def __len__(self) -> int:
         return self.prompt_lengths.shape[0]
@@ -93,22 +110,24 @@ class RaggedBatch:
         rows = list(rows)
         prompt_starts = _starts(self.prompt_lengths)
         response_starts = _starts(self.response_lengths)
-        prompt_parts, response_parts, log_prob_parts = [], [], []
+        per_token = {name: getattr(self, name) for name in PER_TOKEN_FIELDS}
+        per_token = {name: value for name, value in per_token.items() if value is not None}
+        prompt_parts = []
+        token_parts: dict[str, list[torch.Tensor]] = {name: [] for name in per_token}
         for row in rows:
             p0, p1 = prompt_starts[row], prompt_starts[row + 1]
             r0, r1 = response_starts[row], response_starts[row + 1]
             prompt_parts.append(self.prompt_tokens[p0:p1])
-            response_parts.append(self.response_tokens[r0:r1])
-            log_prob_parts.append(self.rollout_log_probs[r0:r1])
+            for name, value in per_token.items():
+                token_parts[name].append(value[r0:r1])
         index = torch.tensor(rows, dtype=torch.long)
         return RaggedBatch(
             prompt_tokens=_cat(prompt_parts, self.prompt_tokens),
             prompt_lengths=self.prompt_lengths[index],
-            response_tokens=_cat(response_parts, self.response_tokens),
             response_lengths=self.response_lengths[index],
-            rollout_log_probs=_cat(log_prob_parts, self.rollout_log_probs),
             advantages=self.advantages[index],
             pad_token_id=self.pad_token_id,
+            **{name: _cat(token_parts[name], value) for name, value in per_token.items()},
         )
 
     def pad(self) -> TrainBatch:
@@ -125,7 +144,10 @@ class RaggedBatch:
         input_ids = torch.full((batch, total), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((batch, total), dtype=torch.long)
         response_mask = torch.zeros((batch, response_length), dtype=dtype)
-        rollout_log_probs = torch.zeros((batch, response_length), dtype=dtype)
+        # Every other per-token field pads with zeros (False); the response mask hides them.
+        flat = {name: getattr(self, name) for name in PER_TOKEN_FIELDS if name != "response_tokens"}
+        flat = {name: value for name, value in flat.items() if value is not None}
+        padded = {name: value.new_zeros((batch, response_length)) for name, value in flat.items()}
         p_start, r_start = 0, 0
         for row, (p_len, r_len) in enumerate(zip(prompt_lengths, response_lengths, strict=True)):
             left = prompt_length - p_len
@@ -134,7 +156,8 @@ class RaggedBatch:
             response = self.response_tokens[r_start:r_start + r_len]
             input_ids[row, prompt_length:prompt_length + r_len] = response
             response_mask[row, :r_len] = 1
-            rollout_log_probs[row, :r_len] = self.rollout_log_probs[r_start:r_start + r_len]
+            for name, value in flat.items():
+                padded[name][row, :r_len] = value[r_start:r_start + r_len]
             p_start, r_start = p_start + p_len, r_start + r_len
         # Positions count real tokens only, so left padding does not shift the prompt.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -145,9 +168,14 @@ class RaggedBatch:
             response_ids=input_ids[:, prompt_length:].clone(),
             response_mask=response_mask,
             advantages=self.advantages,
-            rollout_log_probs=rollout_log_probs,
             prompt_length=prompt_length,
+            **padded,
         )
+
+
+# RaggedBatch fields with one entry per response token, in the order of response_tokens.
+PER_TOKEN_FIELDS = ("response_tokens", "rollout_log_probs", "staleness", "behaviour_proxy_log_probs",
+                    "behaviour_proxy_inexact")
 
 
 def _starts(lengths: torch.Tensor) -> list[int]:
@@ -159,8 +187,20 @@ def _cat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 
 def build_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_token_id: int,
-                      dtype: torch.dtype = torch.float32) -> RaggedBatch:
-    """The samples of one step as a ``RaggedBatch``; ``dtype`` is that of the float fields."""
+                      dtype: torch.dtype = torch.float32, *, learner_version: int | None = None,
+                      algo: AlgorithmConfig | None = None, temperature: float = 1.0) -> RaggedBatch:
+    """The samples of one step as a ``RaggedBatch``; ``dtype`` is that of the float fields.
+
+    ``learner_version``: the weight version the learners hold when they train on this
+    batch; the batch then carries each response token's staleness, ``learner_version -
+    token version`` (0: produced by those very weights).
+
+    ``algo`` (the run's algorithm section) and ``temperature`` (rollout.temperature): when
+    the algorithm takes Lp-Reg's proxy from the generating policy (``stale_policy=
+    behaviour`` with ``lp_reg``), the proxy of every sampled token is computed here from the
+    samples' top-K log-probs (``learner.proxy.top_k_proxy_log_prob``): one number per token
+    travels to the learners instead of K ids and K log-probs.
+    """
     if not samples:
         raise ValueError("cannot build a training batch from zero samples")
     for row, sample in enumerate(samples):
@@ -176,7 +216,7 @@ def build_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_token
 
     prompts = [s.prompt_token_ids for s in samples]
     responses = [s.response_token_ids for s in samples]
-    return RaggedBatch(
+    batch = RaggedBatch(
         prompt_tokens=flat(prompts, torch.long),
         prompt_lengths=lengths(prompts),
         response_tokens=flat(responses, torch.long),
@@ -185,6 +225,74 @@ def build_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_token
         advantages=advantages.reshape(-1).to(dtype),
         pad_token_id=pad_token_id,
     )
+    if learner_version is not None:
+        batch.staleness = token_staleness(samples, learner_version)
+    if algo is not None and uses_behaviour_proxy(algo):
+        proxy, inexact = behaviour_proxy(samples, batch.response_tokens, kappa=algo.lp_reg_min_p,
+                                         proxy_temperature=algo.lp_reg_temperature,
+                                         sampling_temperature=temperature)
+        batch.behaviour_proxy_log_probs = proxy.to(dtype)
+        batch.behaviour_proxy_inexact = inexact
+    return batch
+
+
+def uses_behaviour_proxy(algo: AlgorithmConfig) -> bool:
+    """Lp-Reg's proxy comes from the generating policy's top-K log-probs."""
+    return algo.stale_policy == "behaviour" and algo.loss == "lp_reg"
+
+
+def token_staleness(samples: list[Sample], learner_version: int) -> torch.Tensor:
+    """``learner_version`` minus the version of every response token, flat, long."""
+    parts = []
+    for row, sample in enumerate(samples):
+        versions = sample.versions()
+        if len(versions) != len(sample.response_token_ids):
+            raise ValueError(f"sample {row}: {len(sample.response_token_ids)} response tokens but "
+                             f"{len(versions)} token versions")
+        parts.append(torch.tensor(versions, dtype=torch.long))
+    staleness = learner_version - torch.cat(parts)
+    if staleness.numel() and int(staleness.min()) < 0:
+        raise ValueError(f"a sample carries weight version {learner_version - int(staleness.min())}, "
+                         f"newer than the learner's {learner_version}")
+    return staleness
+
+
+def behaviour_proxy(samples: list[Sample], response_tokens: torch.Tensor, *, kappa: float,
+                    proxy_temperature: float, sampling_temperature: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generating policy's min-p proxy of every response token (flat), and where it may
+    be inexact; from the samples' top-K lists (see ``top_k_proxy_log_prob``)."""
+    from learner.proxy import top_k_proxy_log_prob
+
+    ids_rows: list[list[int]] = []
+    log_prob_rows: list[list[float]] = []
+    for row, sample in enumerate(samples):
+        n = len(sample.response_token_ids)
+        ids, log_probs = sample.response_top_token_ids, sample.response_top_logprobs
+        if n and not ids:
+            raise ValueError(
+                f"sample {row} has no top-K log-probs, but algorithm.stale_policy=behaviour with "
+                "lp_reg takes the min-p proxy from them: set rollout.top_logprobs >= 1")
+        if len(ids) != n or len(log_probs) != n or any(
+                len(a) != len(b) for a, b in zip(ids, log_probs, strict=True)):
+            raise ValueError(f"sample {row}: its top-K token ids and log-probs do not match its "
+                             f"{n} response tokens")
+        ids_rows.extend(ids)
+        log_prob_rows.extend(log_probs)
+    width = max((len(r) for r in ids_rows), default=0)
+    top_ids = torch.full((len(ids_rows), width), -1, dtype=torch.long)
+    top_log_probs = torch.full((len(ids_rows), width), -math.inf, dtype=torch.float64)
+    if all(len(r) == width for r in ids_rows):
+        if ids_rows:
+            top_ids[:] = torch.tensor(ids_rows, dtype=torch.long)
+            top_log_probs[:] = torch.tensor(log_prob_rows, dtype=torch.float64)
+    else:
+        for position, (ids, log_probs) in enumerate(zip(ids_rows, log_prob_rows, strict=True)):
+            top_ids[position, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            top_log_probs[position, :len(log_probs)] = torch.tensor(log_probs, dtype=torch.float64)
+    proxy, inexact = top_k_proxy_log_prob(top_log_probs, top_ids, response_tokens, kappa,
+                                          proxy_temperature, sampling_temperature)
+    return proxy, inexact
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FILTERED_LOG_PROB", "default_chunk_size", "min_p_proxy_log_prob"]
+__all__ = ["FILTERED_LOG_PROB", "default_chunk_size", "min_p_proxy_log_prob", "top_k_proxy_log_prob"]
 
 # Proxy log-probs at or below this mean "removed by the filter". -inf is what we write;
 # the threshold also accepts reference-style values (a -1e4 logit).
@@ -142,3 +142,72 @@ def min_p_proxy_log_prob(
         shifted = z - z.amax(-1, keepdim=True)
         out[start:stop] = proxy_from_shifted(shifted, ids[start:stop], kappa, temperature)
     return out.view(token_ids.shape)
+
+
+@torch.no_grad()
+def top_k_proxy_log_prob(
+    top_log_probs: Tensor,
+    top_token_ids: Tensor,
+    token_ids: Tensor,
+    kappa: float,
+    temperature: float = 1.0,
+    sampling_temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """The min-p proxy of the sampled tokens from the generating policy's top-K log-probs.
+
+    What vLLM reports instead of the logits: at each position the K most likely tokens and
+    their log-probs ``l_i = log softmax(z / T_s)_i`` after the sampling temperature ``T_s``
+    (vLLM's processed log-probs). Since ``T_s * (l_i - l_max) = z_i - z_max``, the filter at
+    temperature 1 (``exp(z_i - z_max) >= kappa``) and the renormalised proxy at
+    ``temperature`` are recovered exactly for every listed token, whatever ``T_s``.
+
+    The approximation: tokens outside the list are treated as filtered (a sampled token
+    that is not listed gets -inf, and the normaliser sums over listed kept tokens only).
+    It is exact wherever the list holds every kept token, which it does when its least
+    likely entry is already filtered (everything unlisted is less likely still) or K is the
+    vocabulary size. A fixed K is no guarantee: n kept tokens have ``n * kappa * p_max <=
+    1``, so up to ``1 / (kappa * p_max)`` tokens survive the filter (at kappa = 0.02, 50
+    only where ``p_max`` is 1, 100 at ``p_max = 0.5``, all of them for a uniform
+    distribution). Where all K listed tokens are kept the proxy may be off, and ``inexact``
+    says so: it puts the normaliser too low (proxy log-probs too high), and an unlisted
+    kept sampled token reads as filtered.
+
+    Args:
+        top_log_probs: ``(..., K)`` log-probs of the listed tokens, in any order; ``-inf``
+            marks an empty slot.
+        top_token_ids: ``(..., K)`` their token ids; a negative id marks an empty slot.
+        token_ids: ``(...)`` the sampled tokens.
+        kappa: min-p threshold relative to the most likely token.
+        temperature: temperature of the renormalised proxy (as ``min_p_proxy_log_prob``).
+        sampling_temperature: the temperature the log-probs were reported at.
+
+    Returns:
+        ``(proxy, inexact)``: ``(...)`` proxy log-probs (float32, float64 for float64
+        input; -inf where filtered or unlisted) and a bool tensor, True where every listed
+        token passed the filter, so unlisted ones might have too.
+    """
+    if top_log_probs.shape != top_token_ids.shape or top_log_probs.shape[:-1] != token_ids.shape:
+        raise ValueError(f"top_log_probs {tuple(top_log_probs.shape)}, top_token_ids "
+                         f"{tuple(top_token_ids.shape)} and token_ids {tuple(token_ids.shape)} do not match")
+    if temperature <= 0 or sampling_temperature <= 0:
+        raise ValueError("temperatures must be positive")
+    kappa = check_min_p(kappa)
+    dtype = compute_dtype(top_log_probs.dtype)
+    width = top_log_probs.shape[-1]
+    if width == 0:
+        shape = token_ids.shape
+        return (torch.full(shape, -math.inf, dtype=dtype, device=token_ids.device),
+                torch.zeros(shape, dtype=torch.bool, device=token_ids.device))
+    listed = top_token_ids.reshape(-1, width) >= 0
+    log_probs = top_log_probs.reshape(-1, width).to(dtype).masked_fill(~listed, -math.inf)
+    row_max = log_probs.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    # z - z_max at temperature 1, for the listed tokens: what proxy_from_shifted expects.
+    shifted = (log_probs - row_max) * sampling_temperature
+    ids = token_ids.reshape(-1, 1)
+    hit = (top_token_ids.reshape(-1, width) == ids) & listed
+    position = hit.to(torch.int8).argmax(-1)  # first match; 0 when unlisted (masked below)
+    proxy = proxy_from_shifted(shifted, position, kappa, temperature)
+    proxy = proxy.masked_fill(~hit.any(-1), -math.inf)
+    inexact = ((shifted.exp() >= kappa) | ~listed).all(-1) & listed.any(-1)
+    return proxy.view(token_ids.shape), inexact.view(token_ids.shape)

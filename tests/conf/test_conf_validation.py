@@ -117,13 +117,16 @@ def test_defaults_and_every_shipped_recipe_pass():
 
 def test_choice_lists_equal_the_implementations():
     # conf names the choices without importing the code that implements them.
+    from conf.schema import ROLLOUT_CORRECTIONS, STALE_POLICIES
     from launch.data.synthetic import SYNTHETIC_TASKS
     from launch.training.weight_sync import TRANSPORTS
     from learner import ADVANTAGE_ESTIMATORS as estimators
     from learner import AGG_MODES
     from learner import KL_TYPES as kl_types
     from learner import POLICY_LOSSES as losses
+    from learner.rollout_correction import ROLLOUT_CORRECTIONS as corrections
     from learner.schedule import LR_SCHEDULERS as schedulers
+    from learner.step import STALE_POLICIES as stale_policies
 
     assert set(POLICY_LOSSES) == set(losses)
     assert set(ADVANTAGE_ESTIMATORS) == set(estimators)
@@ -132,6 +135,8 @@ def test_choice_lists_equal_the_implementations():
     assert set(SYNTHETIC_KINDS) == set(SYNTHETIC_TASKS)
     assert set(WEIGHT_SYNC_TRANSPORTS) == {"auto", *TRANSPORTS}
     assert set(LR_SCHEDULERS) == set(schedulers)
+    assert set(ROLLOUT_CORRECTIONS) == set(corrections)
+    assert set(STALE_POLICIES) == set(stale_policies)
 
 
 def test_a_new_user_gets_the_refusal_at_once_from_the_command_line(tmp_path):

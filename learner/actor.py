@@ -40,6 +40,17 @@ def deepspeed_config(cfg: LearnerConfig, dtype: str) -> dict[str, Any]:
     }
 
 
+def reference_deepspeed_config(cfg: LearnerConfig, dtype: str) -> dict[str, Any]:
+    """ZeRO-3 without an optimizer: DeepSpeed then only partitions the parameters and
+    gathers each layer for its forward (``DeepSpeedZeRoOffload``). Stages 1 and 2 need an
+    optimizer and shard nothing a frozen model has, so under them the reference stays a
+    plain module."""
+    config = deepspeed_config(cfg, dtype)
+    config.pop("gradient_clipping")
+    config["zero_optimization"] = {"stage": 3}
+    return config
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
@@ -63,6 +74,8 @@ class Learner:
         self.temperature = temperature
         self.seed = seed
         self.engine = None
+        self.reference = None  # the frozen initial model, when algo.kl_loss_coef > 0
+        self.reference_engine = None  # its DeepSpeed engine under ZeRO-3
         self._export_stats = (0, 0)
         self._nccl_engines: list = []
 
@@ -71,12 +84,10 @@ class Learner:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, master_addr: str, master_port: int, grad_accum_steps: int | None = None) -> int:
-        """Join the process group, load the model, build the engine.
-
-        ``grad_accum_steps`` is not used: each mini-batch marks its own accumulation
-        boundary, however many micro-batches it has.
-        """
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group, load the model, build the engine (and the reference model
+        when the loss has a KL to it). Each mini-batch marks its own accumulation boundary,
+        however many micro-batches it has."""
         import deepspeed
         import torch
         from transformers import AutoModelForCausalLM
@@ -117,7 +128,28 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, self.model_cfg.dtype))
+        if self.algo.kl_loss_coef > 0:
+            self.reference = self._load_reference()
         return self.rank
+
+    def _load_reference(self):
+        """The initial weights, frozen, in eval mode: a DeepSpeed ZeRO-3 engine (parameters
+        partitioned over the ranks, no optimizer) under ZeRO-3, else a plain module."""
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        reference = AutoModelForCausalLM.from_pretrained(
+            self.model_path, **_dtype_kwarg(getattr(torch, self.model_cfg.dtype)))
+        reference.config.use_cache = False
+        reference.requires_grad_(False)
+        if torch.cuda.is_available():
+            reference = reference.cuda()
+        if self.cfg.zero_stage == 3:
+            self.reference_engine, *_ = deepspeed.initialize(
+                model=reference, config=reference_deepspeed_config(self.cfg, self.model_cfg.dtype))
+            reference = self.reference_engine.module
+        return reference.eval()
 
     # -- training -------------------------------------------------------------------
     def train_step(self, shard: LearnerShard) -> LearnerStepResult:
@@ -163,7 +195,7 @@ class Learner:
         metrics = train_on_shard(
             engine.module, shard, self.algo, temperature=self.temperature,
             world_size=self.world_size, backward=backward, optimizer_step=optimizer_step,
-            logits_chunk_tokens=self.cfg.logits_chunk_tokens)
+            logits_chunk_tokens=self.cfg.logits_chunk_tokens, reference=self.reference)
         return LearnerStepResult(rank=self.rank, metrics=metrics, num_optimizer_steps=steps)
 
     def compute_log_probs(self, batch: RaggedBatch | TrainBatch):

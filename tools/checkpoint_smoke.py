@@ -54,7 +54,7 @@ def check_stage(stage: int, dtype: str, model_dir: str, work_dir: str, port: int
 
     def learner():
         made = Learner(0, 1, model_dir, ModelConfig(dtype=dtype), cfg, algo, temperature=1.0, seed=0)
-        made.setup("127.0.0.1", port, grad_accum_steps=1)
+        made.setup("127.0.0.1", port)
         return made
 
     from transformers import AutoTokenizer

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             learner = Learner(0, 1, str(model_dir), ModelConfig(dtype=args.dtype), learner_cfg,
                               algo, temperature=1.0, seed=0)
             # The process group persists across engines; init_distributed is a no-op after.
-            learner.setup("127.0.0.1", port, grad_accum_steps=2)
+            learner.setup("127.0.0.1", port)
             backend = torch.distributed.get_backend()
             before = {n: t.float().clone() for n, t in learner.export_weights()}
             start = time.perf_counter()

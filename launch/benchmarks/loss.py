@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from learner import policy_loss, token_stats
+from conf.schema import AlgorithmConfig
+from learner import LossInputs, policy_loss, token_stats
 
 VARIANTS = ("ppo_clip", "lp_reg", "ppo_clip_naive")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,10 +101,11 @@ def step(variant: str, x: dict[str, torch.Tensor], s: Setup) -> None:
         )
         log_prob, entropy, proxy = stats.log_prob, stats.entropy, stats.proxy_log_prob
     name = "lp_reg" if variant == "lp_reg" else "ppo_clip"
-    loss, _ = policy_loss(
-        name, log_prob, log_prob.detach(), x["advantages"], x["mask"], proxy_log_prob=proxy,
-        entropy=entropy, lp_reg_neg_frac=s.neg_frac, clip_ratio_low=1.0, clip_ratio_high=9.0,
-    )
+    algo = AlgorithmConfig(loss=name, lp_reg_neg_frac=s.neg_frac, lp_reg_min_p=s.min_p,
+                           clip_ratio_low=1.0, clip_ratio_high=9.0)
+    inputs = LossInputs(log_prob, log_prob.detach(), x["advantages"], x["mask"],
+                        proxy_log_prob=proxy, entropy=entropy)
+    loss, _ = policy_loss(name, inputs, algo)
     loss.backward()
 
 

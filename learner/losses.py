@@ -391,10 +391,12 @@ def policy_loss(
     correction = rollout_correction(correction_mode, x.old_log_prob, x.rollout_log_prob, valid,
                                     algo.rollout_correction_cap) if correction_mode != "none" else None
     loss_inputs = x
+    local_num_tokens = None  # this call's own denominator, for the metrics
     if correction is not None and correction.keep is not None:
         loss_inputs = replace(x, response_mask=correction.keep)
+        local_num_tokens = valid.sum().clamp(min=1).to(dtype)
         if global_num_tokens is None:
-            global_num_tokens = valid.sum().clamp(min=1).to(dtype)
+            global_num_tokens = local_num_tokens
     terms = loss_fn(loss_inputs, algo)
     pg_losses = terms.pg_losses
     if correction is not None and correction.weights is not None:
@@ -402,14 +404,10 @@ def policy_loss(
     num_tokens = global_num_tokens
     if global_num_tokens is not None and terms.token_fraction != 1.0:
         num_tokens = global_num_tokens * terms.token_fraction
-    pg_loss = aggregate_loss(
-        pg_losses,
-        loss_inputs.valid if terms.loss_mask is None else terms.loss_mask,
-        terms.agg_mode or algo.loss_agg_mode,
-        global_num_tokens=num_tokens,
-        global_num_seqs=global_num_seqs,
-        loss_scale_factor=algo.loss_scale_factor,
-    )
+    pg_mask = loss_inputs.valid if terms.loss_mask is None else terms.loss_mask
+    pg_mode = terms.agg_mode or algo.loss_agg_mode
+    pg_loss = aggregate_loss(pg_losses, pg_mask, pg_mode, global_num_tokens=num_tokens,
+                             global_num_seqs=global_num_seqs, loss_scale_factor=algo.loss_scale_factor)
     loss = pg_loss
     if x.entropy is not None and algo.entropy_coef != 0.0:
         entropy_loss = aggregate_loss(
@@ -421,26 +419,27 @@ def policy_loss(
             loss_scale_factor=algo.loss_scale_factor,
         )
         loss = loss - algo.entropy_coef * entropy_loss
-    kl_loss = None
+
+    def own_mean(loss_mat: Tensor, mask: Tensor, mode: str, num_tokens=None) -> Tensor:
+        # The loss is a share of the whole mini-batch's mean; its metric is this call's own
+        # mean, so that averaging over micro-batches and ranks gives the batch's mean.
+        return aggregate_loss(loss_mat.detach(), mask, mode, global_num_tokens=num_tokens,
+                              loss_scale_factor=algo.loss_scale_factor)
+
+    metrics = dict(terms.metrics)
     if algo.kl_loss_coef > 0.0:
         if x.ref_log_prob is None:
             raise ValueError("kl_loss_coef > 0 needs ref_log_prob")
-        kl_loss = aggregate_loss(
-            kl_penalty(x.log_prob, x.ref_log_prob, algo.kl_loss_type),
-            valid,
-            algo.loss_agg_mode,
-            global_num_tokens=global_num_tokens,
-            global_num_seqs=global_num_seqs,
-            loss_scale_factor=algo.loss_scale_factor,
-        )
+        kl = kl_penalty(x.log_prob, x.ref_log_prob, algo.kl_loss_type)
+        kl_loss = aggregate_loss(kl, valid, algo.loss_agg_mode, global_num_tokens=global_num_tokens,
+                                 global_num_seqs=global_num_seqs, loss_scale_factor=algo.loss_scale_factor)
         loss = loss + algo.kl_loss_coef * kl_loss
-
-    metrics = dict(terms.metrics)
+        metrics["actor/kl_loss"] = own_mean(kl, valid, algo.loss_agg_mode)
     if correction is not None:
         metrics.update(correction.metrics)
-    if kl_loss is not None:
-        metrics["actor/kl_loss"] = kl_loss
-    metrics["actor/pg_loss"] = pg_loss.detach()
+    if local_num_tokens is not None and terms.token_fraction != 1.0:
+        local_num_tokens = local_num_tokens * terms.token_fraction
+    metrics["actor/pg_loss"] = own_mean(pg_losses, pg_mask, pg_mode, local_num_tokens)
     metrics["actor/ppo_kl"] = masked_mean(-x.log_ratio.detach(), valid)
     metrics["actor/low_prob_frac"] = masked_mean(x.log_prob.detach() < math.log(LOW_PROB), valid)
     if x.entropy is not None:

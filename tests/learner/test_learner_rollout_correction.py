@@ -205,3 +205,17 @@ def test_no_kl_metric_when_off():
     log_prob, old, rollout, adv, mask, proxy, entropy = random_inputs()
     _, metrics = policy_loss("ppo_clip", LossInputs(log_prob, old, adv, mask), AlgorithmConfig())
     assert "actor/kl_loss" not in metrics and not any(k.startswith("rollout_correction/") for k in metrics)
+
+
+def test_loss_metrics_are_this_calls_own_mean_not_its_share():
+    # With global counts the loss is this micro-batch's share of the mini-batch's mean; the
+    # metrics stay means, so averaging them over micro-batches and ranks gives the batch's.
+    log_prob, old, rollout, adv, mask, proxy, entropy = random_inputs()
+    ref = log_prob.detach() - 0.2
+    algo = AlgorithmConfig(loss="ppo_clip", kl_loss_coef=0.1)
+    inputs = LossInputs(log_prob, old, adv, mask, ref_log_prob=ref)
+    whole, whole_metrics = policy_loss("ppo_clip", inputs, algo)
+    share, share_metrics = policy_loss("ppo_clip", inputs, algo, global_num_tokens=float(4 * mask.sum()))
+    assert float(share.detach()) == pytest.approx(float(whole.detach()) / 4, rel=1e-12)
+    for key in ("actor/pg_loss", "actor/kl_loss"):
+        assert float(share_metrics[key]) == pytest.approx(float(whole_metrics[key]), rel=1e-12)

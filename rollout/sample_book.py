@@ -45,6 +45,10 @@ class SampleProgress:
     segment_version: int = 0
     segment_tokens: list[int] = field(default_factory=list)  # of the running segment
     segment_logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)  # per token, when asked for
+    top_logprobs: list[list[float]] = field(default_factory=list)
+    segment_top_ids: list[list[int]] = field(default_factory=list)
+    segment_top_logprobs: list[list[float]] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
 
@@ -56,7 +60,10 @@ class SampleProgress:
         self.tokens += self.segment_tokens
         self.logprobs += self.segment_logprobs
         self.versions += [self.segment_version] * len(self.segment_tokens)
+        self.top_ids += self.segment_top_ids
+        self.top_logprobs += self.segment_top_logprobs
         self.segment_tokens, self.segment_logprobs = [], []
+        self.segment_top_ids, self.segment_top_logprobs = [], []
 
 
 @dataclass
@@ -102,12 +109,17 @@ class SampleBook:
             temperature=sampling.temperature, top_p=sampling.top_p)
 
     def on_output(self, request_id: str, token_ids: list[int], logprobs: list[float],
-                  finish_reason: str | None, text: str) -> GroupResult | None:
-        """Record a cumulative output of a running segment; returns the group if it is done."""
+                  finish_reason: str | None, text: str,
+                  top: tuple[list[list[int]], list[list[float]]] = ([], [])) -> GroupResult | None:
+        """Record a cumulative output of a running segment; returns the group if it is done.
+
+        ``top``: the most likely tokens and their log-probs at each position, when asked for.
+        """
         sample = self.running.get(request_id)
         if sample is None:  # an aborted request's last words
             return None
         sample.segment_tokens, sample.segment_logprobs = list(token_ids), list(logprobs)
+        sample.segment_top_ids, sample.segment_top_logprobs = top
         if finish_reason is None:
             return None
         del self.running[request_id]
@@ -149,7 +161,8 @@ class SampleBook:
                           finish_reason=s.finish_reason or "length",
                           weight_version=min(s.versions, default=s.segment_version),
                           worker_index=self.worker_index, response_text=s.text,
-                          token_versions=s.versions)
+                          token_versions=s.versions, response_top_token_ids=s.top_ids,
+                          response_top_logprobs=s.top_logprobs)
                    for s in group.samples]
         return GroupResult(group_id, samples, self.worker_index,
                            generate_s=time.perf_counter() - group.arrived)

@@ -175,7 +175,8 @@ class RolloutWorker:
                         request.request_id, {"prompt_token_ids": request.prompt_token_ids},
                         SamplingParams(n=1, temperature=request.temperature, top_p=request.top_p,
                                        max_tokens=request.max_tokens, seed=request.seed,
-                                       logprobs=0))  # the sampled token's own log-prob only
+                                       # The sampled token's own log-prob, and the top K when asked.
+                                       logprobs=self.cfg.top_logprobs))
                 started = time.perf_counter()
                 outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
                 elapsed = time.perf_counter() - started
@@ -184,11 +185,12 @@ class RolloutWorker:
                     for output in outputs:
                         completion = output.outputs[0]
                         tokens = list(completion.token_ids)
+                        positions = completion.logprobs or []
                         logprobs = [step[token].logprob
-                                    for step, token in zip(completion.logprobs or [], tokens, strict=True)]
+                                    for step, token in zip(positions, tokens, strict=True)]
                         reason = (completion.finish_reason or "length") if output.finished else None
                         done = self.book.on_output(output.request_id, tokens, logprobs, reason,
-                                                   completion.text)
+                                                   completion.text, self._top(positions))
                         if done is not None:
                             self.book.finished.append(done)
                     self._busy = self.engine.has_unfinished_requests()
@@ -197,6 +199,18 @@ class RolloutWorker:
             with self._cv:
                 self._error = err
                 self._cv.notify_all()
+
+    def _top(self, positions: list[dict]) -> tuple[list[list[int]], list[list[float]]]:
+        """The K most likely tokens at each position, most likely first (K = top_logprobs)."""
+        k = self.cfg.top_logprobs
+        if k <= 0:
+            return [], []
+        ids, values = [], []
+        for step in positions:
+            top = sorted((lp.rank, token, lp.logprob) for token, lp in step.items() if lp.rank <= k)
+            ids.append([token for _, token, _ in top])
+            values.append([value for _, _, value in top])
+        return ids, values
 
     # -- parking the engine --------------------------------------------------------------
     def _park(self) -> None:

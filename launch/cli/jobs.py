@@ -8,6 +8,7 @@ from pathlib import Path
 
 from conf.load import ConfigError, load_config
 from launch.cli.arguments import add_recipe_argument
+from launch.cli.train import add_retries_argument
 from launch.cluster.jobs import (
     DEFAULT_ADDRESS,
     PROJECT_DIR,
@@ -48,8 +49,11 @@ def _submit(args: argparse.Namespace) -> int:
     if not (project_dir / "launch" / "cli" / "__main__.py").is_file():
         raise ConfigError(f"--working-dir {project_dir} is not the lpreg project directory "
                           "(no launch/cli/__main__.py); pass the checkout to ship")
+    if args.retries < 0 or (args.retries and cfg.trainer.save_every == 0):
+        raise ConfigError("--retries resumes the job from its newest checkpoint: it must be 0 or "
+                          "more, and trainer.save_every must not be 0")
     entrypoint = train_entrypoint(recipe_argument(args.config, project_dir), args.overrides,
-                                  python=args.python)
+                                  python=args.python, retries=args.retries)
     for note in relative_path_notes(cfg):
         print(f"lpreg: note: {note}", file=sys.stderr)
     try:
@@ -113,6 +117,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--follow", action="store_true",
                         help="stream the logs until the job ends; exit non-zero unless it succeeded")
     add_recipe_argument(submit)
+    add_retries_argument(submit)
     submit.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
     submit.add_argument("--python", default="python",
                         help="the Python the job runs on the cluster (default: python on the "

@@ -8,9 +8,11 @@ import sys
 
 from conf.errors import ConfigError
 from launch.cli import bench, bootstrap, eval, jobs, plot, train
+from launch.cluster.remote import RunStopped
 from launch.data.prompts import DataError
 
 EXIT_CONFIG = 2
+EXIT_RUN_STOPPED = 1
 COMMANDS = (train, bootstrap, eval, plot, bench, jobs)
 
 
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         # line that names the key, or the file, row and field.
         print(f"lpreg: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except RunStopped as err:
+        # The run healed what it could and then gave up; the log above tells the story.
+        print(f"lpreg: error: {err}", file=sys.stderr)
+        return EXIT_RUN_STOPPED
 
 
 if __name__ == "__main__":

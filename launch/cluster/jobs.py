@@ -169,7 +169,8 @@ def recipe_argument(recipe: str | None, project_dir: Path) -> str | None:
             f"shipped to the cluster; move it there (or into conf/recipes/)") from None
 
 
-def train_entrypoint(recipe: str | None, overrides: Sequence[str], python: str = "python") -> str:
+def train_entrypoint(recipe: str | None, overrides: Sequence[str], python: str = "python",
+                     retries: int = 0) -> str:
     """The shell command the job runs.
 
     ``python -m launch.cli`` rather than the ``lpreg`` script: Ray puts the shipped
@@ -178,6 +179,8 @@ def train_entrypoint(recipe: str | None, overrides: Sequence[str], python: str =
     installed on the cluster.
     """
     argv = [python, "-m", "launch.cli", "train"]
+    if retries:
+        argv += ["--retries", str(retries)]
     if recipe:
         argv += ["-c", recipe]
     argv += list(overrides)

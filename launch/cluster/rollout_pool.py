@@ -146,7 +146,9 @@ class RolloutPool:
         while pending:
             if time.monotonic() > deadline:
                 raise RemoteTimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            # A failed call raises now: its peers may be blocked on it in a collective.
+            ray.get(ready)
             if pending:
                 self.poll(0.05, extra=pending)
         return ray.get(refs)

@@ -99,7 +99,7 @@ class Trainer:
 
         self.verifier = MathVerifier.from_config(cfg.verifier)
         self.placement = progress = None
-        writer = MetricsWriter(self.run_dir)
+        writer = MetricsWriter(self.run_dir, cfg)
         last: dict = {}
         try:
             self.placement = Placement.create(cfg)
@@ -272,7 +272,9 @@ class Trainer:
         advantages = compute_advantages(
             cfg.algorithm.advantage, torch.tensor(batch.rewards, dtype=torch.float32),
             torch.tensor([s.prompt_index for s in batch.samples]))
-        train_batch = build_train_batch(batch.samples, advantages, self.tokenizer.pad_token_id)
+        train_batch = build_train_batch(batch.samples, advantages, self.tokenizer.pad_token_id,
+                                        learner_version=self.version, algo=cfg.algorithm,
+                                        temperature=cfg.rollout.temperature)
 
         update_start = time.perf_counter()
         learner_results = self._learners(self.learners.train_step_refs(train_batch),

@@ -191,6 +191,8 @@ class RolloutPipeline:
             "rollout/staleness_mean": statistics.fmean(ages) if ages else 0.0,
             "rollout/stale_token_frac": (sum(a > 0 for a in token_ages) / len(token_ages)
                                          if token_ages else 0.0),
+            # Responses continued across a weight update: tokens from several versions.
+            "rollout/multi_version_samples": sum(len(set(s.versions())) > 1 for s in samples),
             "rollout/dropped_stale_samples": counts["dropped_stale_samples"],
             "rollout/generation_rounds": counts["rounds"],
             "timing/rollout_s": generation_s,

@@ -1,0 +1,55 @@
+"""Routing groups to rollout workers, and the step pipeline's pure parts."""
+
+import pytest
+
+from conf.load import load_config
+from launch.cluster.rollout_pool import pick_worker
+from launch.training.pipeline import staleness, step_seed, trainable_group_count
+from rollout.types import Sample
+
+
+def test_the_least_loaded_worker_takes_the_group():
+    assert pick_worker({0: 8, 1: 4, 2: 6}, capacity=16, group_size=4) == 1
+
+
+def test_ties_go_to_the_lowest_index():
+    assert pick_worker({2: 0, 0: 0, 1: 0}, capacity=16, group_size=4) == 0
+
+
+def test_a_full_worker_is_skipped_and_all_full_means_wait():
+    assert pick_worker({0: 8, 1: 12}, capacity=16, group_size=8) == 0
+    assert pick_worker({0: 12, 1: 12}, capacity=16, group_size=8) is None
+
+
+def test_an_idle_worker_takes_even_an_oversized_group():
+    assert pick_worker({0: 4, 1: 0}, capacity=8, group_size=16) == 1
+
+
+def test_routing_fills_workers_evenly():
+    loads = {0: 0, 1: 0, 2: 0}
+    for _ in range(9):
+        loads[pick_worker(loads, capacity=100, group_size=4)] += 4
+    assert loads == {0: 12, 1: 12, 2: 12}
+
+
+def sample(versions):
+    return Sample(prompt_index=0, prompt_token_ids=[1], response_token_ids=list(range(len(versions))),
+                  response_logprobs=[0.0] * len(versions), finish_reason="stop",
+                  weight_version=min(versions), worker_index=0, token_versions=versions)
+
+
+def test_staleness_counts_from_the_oldest_token():
+    assert staleness(sample([3, 3, 4]), learner_version=4) == 1
+    assert staleness(sample([4, 4]), learner_version=4) == 0
+
+
+def test_round_zero_keeps_the_lock_step_seed():
+    assert step_seed(seed=2, step=7, round_index=0) == 2 * 100_003 + 7
+    assert step_seed(seed=2, step=7, round_index=1) != step_seed(seed=2, step=8, round_index=0)
+
+
+@pytest.mark.parametrize("kept, expected", [(32, 32), (31, 30), (7, 6), (1, 0)])
+def test_kept_groups_are_trimmed_to_what_splits_over_mini_batches_and_learners(kept, expected):
+    cfg = load_config(overrides=["data.prompts_per_step=32", "rollout.samples_per_prompt=1",
+                                 "algorithm.advantage=reinforce_pp", "learner.num_workers=2"])
+    assert trainable_group_count(kept, cfg) == expected

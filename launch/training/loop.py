@@ -205,6 +205,7 @@ class Trainer:
             raise RunStopped(f"{lost}; trainer.max_restarts={cfg.trainer.max_restarts} "
                              "restarts of the learner group are used up, so the run stops")
         self.learner_restarts += 1
+        log.warning("%s; rebuilding the learner group from the newest checkpoint", lost)
         self.learners.shutdown()
         # Work generated for later steps came from weights the run is about to give up.
         self.pipeline.reset()

@@ -6,14 +6,13 @@ during step 3 and resumed with ``trainer.resume=auto``.
 """
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from harness import by_step, environment, kill_session, read_metrics, session_pids, train_command
 
 pytestmark = pytest.mark.integration
 
@@ -35,63 +34,9 @@ def settings(out: Path, name: str) -> list[str]:
         "verifier.reward_fn=toy_rewards:digit_share", "verifier.truncated_reward=null"]
 
 
-def command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "launch.cli", "train", *args]
-
-
-def environment() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    env.pop("RAY_ADDRESS", None)  # always the run's own private Ray
-    return env
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return records
-
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver's process group, then anything else left in its session.
-
-    The driver was started in a session of its own, so its private Ray (GCS, raylet,
-    workers in their own process groups) is in that session too.
-    """
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    while (left := session_pids(proc.pid)) and time.monotonic() < deadline:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-    assert not session_pids(proc.pid), "processes of the killed run survived"
-
-
 def run_to_end(args: list[str], log_path: Path) -> str:
     with log_path.open("w") as log:
-        proc = subprocess.Popen(command(args), cwd=ROOT, env=environment(), stdout=log,
+        proc = subprocess.Popen(train_command(args), cwd=ROOT, env=environment(), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=RUN_TIMEOUT_S)
@@ -112,7 +57,7 @@ def runs(tmp_path_factory):
     args = settings(out, "resumed")
     run_dir = out / "resumed"
     with (out / "killed.log").open("w") as log:
-        proc = subprocess.Popen(command(args), cwd=ROOT, env=environment(), stdout=log,
+        proc = subprocess.Popen(train_command(args), cwd=ROOT, env=environment(), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -127,10 +72,6 @@ def runs(tmp_path_factory):
     resumed_log = run_to_end([*args, "trainer.resume=auto"], out / "resumed.log")
     return {"out": out, "full": read_metrics(out / "full"), "at_kill": at_kill,
             "resumed": read_metrics(run_dir), "full_log": full_log, "resumed_log": resumed_log}
-
-
-def by_step(records: list[dict]) -> dict[int, dict]:
-    return {r["step"]: r for r in records}  # the last record of a step wins
 
 
 def test_kill_landed_during_step_3(runs):

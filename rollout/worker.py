@@ -62,6 +62,7 @@ class RolloutWorker:
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
             max_model_len=rollout_cfg.max_model_len,
             max_num_seqs=rollout_cfg.max_num_seqs,
+            max_logprobs=max(20, rollout_cfg.top_logprobs),  # vLLM refuses more than this
             enforce_eager=rollout_cfg.enforce_eager,
             # Log-probs after temperature, i.e. of the distribution actually sampled from,
             # which is what the learner's importance ratios are measured against.

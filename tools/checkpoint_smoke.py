@@ -11,12 +11,10 @@ Runs on CUDA (NCCL) when a GPU is visible, else on CPU (gloo).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import tempfile
 
 import torch
+from stage_runner import run_stages
 
 
 def _batch(tokenizer, seed: int):
@@ -91,35 +89,14 @@ def check_stage(stage: int, dtype: str, model_dir: str, work_dir: str, port: int
     }
 
 
+def passed(r: dict) -> bool:
+    return (r["loaded_equals_saved"] and r["second_step_equal"] and r["weights_moved"]
+            and r["export_equals_saved"] and r["tokenizer_exported"])
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="0,3")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-
-    from conf.schema import TinyModelConfig
-    from launch.models.tiny_model import build_tiny_model
-    from learner.actor import free_port
-
-    work_dir = tempfile.mkdtemp(prefix="lpreg-ckpt-")
-    model_dir = str(build_tiny_model(os.path.join(work_dir, "tiny"), TinyModelConfig(warm_start_steps=0)))
-    port = free_port()
-    runs = []
-    for stage in [int(s) for s in args.stages.split(",")]:
-        run = check_stage(stage, args.dtype, model_dir, work_dir, port)
-        print(json.dumps(run), flush=True)
-        runs.append(run)
-    ok = all(r["loaded_equals_saved"] and r["second_step_equal"] and r["weights_moved"]
-             and r["export_equals_saved"] and r["tokenizer_exported"] for r in runs)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"ok": ok, "runs": runs}, handle, indent=2)
-    print("checkpoint round trip:", "PASS" if ok else "FAIL")
-    return 0 if ok else 1
+    return run_stages(argv, __doc__, "checkpoint round trip", check_stage, passed)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     raise SystemExit(main())

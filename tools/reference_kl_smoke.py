@@ -12,12 +12,8 @@ visible, else on CPU (gloo).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import tempfile
-
 import torch
+from stage_runner import run_stages
 
 
 def _batch(tokenizer):
@@ -48,7 +44,7 @@ def _reference_weights(learner) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().cpu().clone() for n, p in params}
 
 
-def check_stage(stage: int, dtype: str, model_dir: str, port: int) -> dict:
+def check_stage(stage: int, dtype: str, model_dir: str, _work_dir: str, port: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
@@ -75,36 +71,14 @@ def check_stage(stage: int, dtype: str, model_dir: str, port: int) -> dict:
     }
 
 
+def passed(r: dict) -> bool:
+    return (r["kl_loss_first"] == 0.0 and r["kl_loss_second"] > 0.0 and r["reference_frozen"]
+            and r["reference_unchanged"] and r["reference_partitioned"] == (r["zero_stage"] == 3))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="0,3")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-
-    from conf.schema import TinyModelConfig
-    from launch.models.tiny_model import build_tiny_model
-    from learner.actor import free_port
-
-    work_dir = tempfile.mkdtemp(prefix="lpreg-refkl-")
-    model_dir = str(build_tiny_model(os.path.join(work_dir, "tiny"), TinyModelConfig(warm_start_steps=0)))
-    port = free_port()
-    runs = []
-    for stage in [int(s) for s in args.stages.split(",")]:
-        run = check_stage(stage, args.dtype, model_dir, port)
-        print(json.dumps(run), flush=True)
-        runs.append(run)
-    ok = all(r["kl_loss_first"] == 0.0 and r["kl_loss_second"] > 0.0 and r["reference_frozen"]
-             and r["reference_unchanged"] and (r["reference_partitioned"] == (r["zero_stage"] == 3))
-             for r in runs)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"ok": ok, "runs": runs}, handle, indent=2)
-    print("reference KL:", "PASS" if ok else "FAIL")
-    return 0 if ok else 1
+    return run_stages(argv, __doc__, "reference KL", check_stage, passed)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     raise SystemExit(main())

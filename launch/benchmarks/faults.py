@@ -57,16 +57,9 @@ class Run:
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def steps(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        records = []
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return records
+        from launch.reporting.metrics import read_metrics
+
+        return read_metrics(self.run_dir)
 
     def actor_pid(self, kind: str, name: str) -> tuple[int | None, str | None]:
         try:
@@ -123,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="lpreg-bench-faults-"))
+    out.mkdir(parents=True, exist_ok=True)
     common = [*WORKLOAD, f"trainer.total_steps={args.steps}", f"rollout.timeout_s={args.timeout}",
               *args.overrides]
 

@@ -8,11 +8,12 @@ nothing to show is not written.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from launch.reporting.metrics import read_jsonl
 
 log = logging.getLogger("lpreg")
 
@@ -72,20 +73,6 @@ class RunSeries:
         return key, steps, values
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    if not path.is_file():
-        return records
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short when a run was killed
-            continue
-    return records
-
-
 def latest_per_step(records: list[dict]) -> list[dict]:
     """One record per step, the last one written: a resumed run repeats the steps it redid."""
     by_step: dict[int, dict] = {}
@@ -100,10 +87,10 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunSeries:
     if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "eval.jsonl").is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl or eval.jsonl (not a run directory?)")
     run = RunSeries(name=name or run_dir.name, path=run_dir)
-    metrics = latest_per_step(_read_jsonl(run_dir / "metrics.jsonl"))
+    metrics = latest_per_step(read_jsonl(run_dir / "metrics.jsonl"))
     # eval.jsonl has the evaluation before the first step too; `lpreg eval` records
     # (with a "source") may use other settings and are not part of the curve.
-    evals = latest_per_step([r for r in _read_jsonl(run_dir / "eval.jsonl") if "source" not in r])
+    evals = latest_per_step([r for r in read_jsonl(run_dir / "eval.jsonl") if "source" not in r])
     for records, only_eval in ((metrics, False), (evals, True)):
         for record in records:
             for key, value in record.items():
@@ -165,6 +152,8 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
                 ax.plot(steps, values, style, markersize=3, label=run.name)
                 if key.endswith("*"):
                     label = f"{label} ({shown.removeprefix('eval/')})"
+            if stem == "timing":
+                _mark_restarts(ax, runs)
             ax.set_title(label, fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
@@ -180,6 +169,28 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+RESTART_KEYS = {"rollout/restarts": ("rollout worker replaced", ":"),
+                "learner/restarts": ("learner group rebuilt", "--")}
+
+
+def restart_steps(run: RunSeries, key: str) -> list[int]:
+    """Steps whose record shows a restart count higher than the step before."""
+    found = run.get(key)
+    if found is None:
+        return []
+    _, steps, counts = found
+    return [s for s, prev, now in zip(steps, [0.0, *counts], counts, strict=False) if now > prev]
+
+
+def _mark_restarts(ax, runs: list[RunSeries]) -> None:
+    """A vertical line at each step in which an actor was replaced."""
+    for key, (label, style) in RESTART_KEYS.items():
+        steps = sorted({s for run in runs for s in restart_steps(run, key)})
+        for i, step in enumerate(steps):
+            ax.axvline(step, color="grey", linestyle=style, linewidth=1,
+                       label=label if i == 0 else None)
 
 
 PHASES = [("timing/rollout_s", "rollout"), ("timing/update_s", "update"),

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from launch.reporting.metrics import read_metrics
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
@@ -28,19 +30,6 @@ def environment() -> dict[str, str]:
 
 def train_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "launch.cli", "train", *args]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written
-    return records
 
 
 def by_step(records: list[dict]) -> dict[int, dict]:

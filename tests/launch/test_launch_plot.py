@@ -81,3 +81,18 @@ def test_cli_writes_pngs_and_names_a_missing_run(tmp_path, capsys):
     assert (a / "plots" / "reward.png").stat().st_size > 0
     assert main(["plot", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_restarts_are_found_where_the_count_goes_up(tmp_path):
+    from launch.reporting.plot import restart_steps
+
+    run_dir = tmp_path / "healed"
+    run_dir.mkdir()
+    counts = [0, 0, 1, 1, 1, 2]
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "rollout/restarts": c, "learner/restarts": int(s >= 4),
+                    "timing/step_s": 1.0}) + "\n" for s, c in enumerate(counts, start=1)))
+    run = load_run(run_dir)
+    assert restart_steps(run, "rollout/restarts") == [3, 6]
+    assert restart_steps(run, "learner/restarts") == [4]
+    assert (tmp_path / "plots" / "timing.png") in plot_runs([run_dir], tmp_path / "plots")

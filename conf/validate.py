@@ -119,12 +119,34 @@ def _check_combinations(cfg: LpregConfig) -> None:
     if not cfg.trainer.output_dir:
         raise ConfigError("config key 'trainer.output_dir' is empty")
     _check_loggers_and_overlong_buffer(cfg)
-    algo = cfg.algorithm
-    if algo.stale_policy == "behaviour" and algo.loss == "lp_reg" and cfg.rollout.top_logprobs < 1:
-        raise ConfigError("config key 'algorithm.stale_policy' is 'behaviour', which takes Lp-Reg's "
-                          "min-p proxy from the generating policy's top-K log-probs: set "
-                          "rollout.top_logprobs >= 1 (the proxy is exact where the listed tokens "
-                          "include every token the min-p filter keeps)")
+    if needs_top_logprobs(cfg) and cfg.rollout.top_logprobs < 1:
+        raise ConfigError("config key 'rollout.top_logprobs' is 0, but algorithm.stale_policy "
+                          f"({cfg.algorithm.stale_policy}) takes Lp-Reg's min-p proxy from the "
+                          "generating policy's top-K log-probs: set rollout.top_logprobs >= 1")
+
+
+def effective_stale_policy(cfg: LpregConfig) -> str:
+    """``algorithm.stale_policy`` with ``auto`` resolved: the learner's policy in lock-step,
+    the generating (behaviour) policy when samples can be stale."""
+    policy = cfg.algorithm.stale_policy
+    if policy != "auto":
+        return policy
+    return "behaviour" if cfg.rollout.max_staleness > 0 else "learner"
+
+
+def needs_top_logprobs(cfg: LpregConfig) -> bool:
+    """Whether the rollout workers must report top-K log-probs: the behaviour policy's proxy."""
+    return effective_stale_policy(cfg) == "behaviour" and cfg.algorithm.loss == "lp_reg"
+
+
+def resolve_auto(cfg: LpregConfig) -> LpregConfig:
+    """A copy with the automatic choices made, as the actors need them: the stale policy,
+    and top-K log-probs asked of vLLM only when they are used."""
+    return dataclasses.replace(
+        cfg,
+        algorithm=dataclasses.replace(cfg.algorithm, stale_policy=effective_stale_policy(cfg)),
+        rollout=dataclasses.replace(
+            cfg.rollout, top_logprobs=cfg.rollout.top_logprobs if needs_top_logprobs(cfg) else 0))
 
 
 def _check_loggers_and_overlong_buffer(cfg: LpregConfig) -> None:

@@ -99,8 +99,13 @@ def needs_proxy(algo: AlgorithmConfig) -> bool:
 
 
 def behaviour_is_old(algo: AlgorithmConfig) -> bool:
-    """pi_old is the generating policy (vLLM's log-probs), not the learner's."""
-    if algo.stale_policy not in STALE_POLICIES:
+    """pi_old is the generating policy (vLLM's log-probs), not the learner's.
+
+    The driver resolves ``auto`` before the config reaches a learner
+    (``conf.validate.resolve_auto``); left unresolved, it is the lock-step choice, the
+    learner's policy, which is then the generating policy too.
+    """
+    if algo.stale_policy not in (*STALE_POLICIES, "auto"):
         raise ValueError(f"unknown stale_policy {algo.stale_policy!r}; choose from {STALE_POLICIES}")
     return algo.stale_policy == "behaviour"
 

@@ -68,6 +68,7 @@ def run_evaluation(cfg: LpregConfig, output: str | Path | None = None) -> tuple[
     """Evaluate, append one record to ``eval.jsonl``, and return it with the file's path."""
     from transformers import AutoTokenizer
 
+    from conf.validate import resolve_auto
     from launch.cluster import ray_setup
     from launch.cluster.rollout_pool import RolloutPool
     from launch.data.prepare import load_prompts, tokenize_prompts
@@ -102,8 +103,8 @@ def run_evaluation(cfg: LpregConfig, output: str | Path | None = None) -> tuple[
     verifier = MathVerifier.from_config(cfg.verifier)
     rollout = None
     try:
-        rollout = RolloutPool(cfg.rollout.num_workers, str(model_path), cfg.model, cfg.rollout,
-                              seed=cfg.trainer.seed)
+        rollout = RolloutPool(cfg.rollout.num_workers, str(model_path), cfg.model,
+                              resolve_auto(cfg).rollout, seed=cfg.trainer.seed)
         result = evaluate(rollout, verifier, records, prompt_ids,
                           step=found[1] if found else 0,
                           temperature=cfg.trainer.eval_temperature,

@@ -55,7 +55,9 @@ class Trainer:
     """Runs one training job: start the actors, then step after step, healing as it goes."""
 
     def __init__(self, cfg: LpregConfig):
-        self.cfg = cfg
+        from conf.validate import resolve_auto
+
+        self.cfg = resolve_auto(cfg)
         self.pool = self.learners = self.sync = self.pipeline = None
         self.evaluations: list[EvalResult] = []
         self.learner_restarts = 0

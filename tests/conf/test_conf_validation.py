@@ -136,7 +136,7 @@ def test_choice_lists_equal_the_implementations():
     assert set(WEIGHT_SYNC_TRANSPORTS) == {"auto", *TRANSPORTS}
     assert set(LR_SCHEDULERS) == set(schedulers)
     assert set(ROLLOUT_CORRECTIONS) == set(corrections)
-    assert set(STALE_POLICIES) == set(stale_policies)
+    assert set(STALE_POLICIES) == {"auto", *stale_policies}
 
 
 def test_a_new_user_gets_the_refusal_at_once_from_the_command_line(tmp_path):
@@ -148,3 +148,23 @@ def test_a_new_user_gets_the_refusal_at_once_from_the_command_line(tmp_path):
         "lpreg: error: config key 'algorithm.loss' must be one of ppo_clip, lp_reg, gspo, kl_cov, "
         "clip_cov, entropy_8020; got 'foo'"]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("overrides, policy, top_k", [
+    ([], "learner", 0),
+    (["rollout.max_staleness=1"], "behaviour", 20),
+    (["rollout.max_staleness=1", "algorithm.loss=ppo_clip"], "behaviour", 0),
+    (["rollout.max_staleness=1", "algorithm.stale_policy=learner"], "learner", 0),
+    (["algorithm.stale_policy=behaviour", "rollout.top_logprobs=50"], "behaviour", 50),
+])
+def test_automatic_choices_are_made_for_the_actors(overrides, policy, top_k):
+    from conf.validate import resolve_auto
+
+    resolved = resolve_auto(load_config(overrides=overrides))
+    assert resolved.algorithm.stale_policy == policy
+    assert resolved.rollout.top_logprobs == top_k
+
+
+def test_the_behaviour_proxy_needs_top_logprobs():
+    with pytest.raises(ConfigError, match="'rollout.top_logprobs' is 0"):
+        load_config(overrides=["rollout.max_staleness=1", "rollout.top_logprobs=0"])

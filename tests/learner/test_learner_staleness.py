@@ -188,8 +188,8 @@ def test_behaviour_proxy_without_top_logprobs_names_the_key():
 
 
 def test_config_refuses_behaviour_lp_reg_without_top_logprobs():
-    with pytest.raises(ConfigError, match="'algorithm.stale_policy'.*rollout.top_logprobs"):
-        load_config(overrides=["algorithm.stale_policy=behaviour"])
+    with pytest.raises(ConfigError, match="'rollout.top_logprobs' is 0.*algorithm.stale_policy"):
+        load_config(overrides=["algorithm.stale_policy=behaviour", "rollout.top_logprobs=0"])
     load_config(overrides=["algorithm.stale_policy=behaviour", "rollout.top_logprobs=50"])
     load_config(overrides=["algorithm.stale_policy=behaviour", "algorithm.loss=ppo_clip"])
 

@@ -10,8 +10,9 @@ previous one has healed:
 
 Detection is timed from the signal to the run's log line naming the fault; recovery from
 that line to the one that reports the replacement serving (for the learners, the rebuild,
-restore and weight push). Extra wall time is the faulted run's training time (first step
-to last) minus the clean run's.
+restore and weight push). Extra wall time is the faulted run's training time, from its
+first step to its last (steps redone after the learner recovery included), minus the
+clean run's.
 
     lpreg bench faults [--steps 60] [--timeout 15] [--json] [key=value ...]
 """
@@ -83,9 +84,12 @@ class Run:
         self._log.close()
         return code
 
-    def log_time(self, pattern: str, after: float) -> float | None:
-        """Wall-clock time of the first log line matching ``pattern`` at or after ``after``."""
-        day = datetime.fromtimestamp(after).date()
+    def log_time(self, pattern: str, after: float = 0.0) -> float | None:
+        """Epoch time of the first log line matching ``pattern`` at or after ``after``.
+
+        Log lines carry the time of day; the day is the log file's (runs here are minutes).
+        """
+        day = datetime.fromtimestamp(self.log_path.stat().st_mtime).date()
         for line in self.log_path.read_text(errors="replace").splitlines():
             match = re.match(r"^(\d\d:\d\d:\d\d) lpreg (.*)", line)
             if match and re.search(pattern, line):
@@ -95,8 +99,12 @@ class Run:
         return None
 
 
-def training_seconds(records: list[dict]) -> float:
-    return sum(r["timing/step_s"] for r in {r["step"]: r for r in records}.values())
+def training_seconds(run: Run, steps: int) -> float:
+    """Wall time from the first step's log line to the last step's (whole seconds): the
+    steps redone after a learner recovery and the recoveries themselves included."""
+    first = run.log_time(rf"lpreg step 1/{steps} ")
+    last = run.log_time(rf"lpreg step {steps}/{steps} ")
+    return last - first
 
 
 def inject(run: Run, kind: str, name: str, sig: int) -> float:
@@ -148,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             "detect_s": None if detected is None else max(0.0, detected - at),
             "recover_s": None if recovered is None or detected is None else recovered - detected,
         }
-    result["clean_training_s"] = training_seconds(clean.steps())
-    result["faulted_training_s"] = training_seconds(faulted.steps())
+    result["clean_training_s"] = training_seconds(clean, args.steps)
+    result["faulted_training_s"] = training_seconds(faulted, args.steps)
     result["extra_s"] = result["faulted_training_s"] - result["clean_training_s"]
     if args.json:
         print(json.dumps(result, indent=2))

@@ -5,3 +5,9 @@ has non-zero advantages and the learners really move the weights."""
 
 def digit_share(response: str, answer: str) -> float:
     return sum(ch.isdigit() for ch in response) / max(1, len(response))
+
+
+def digit_share_on_odd_answers(response: str, answer: str) -> float:
+    """``digit_share`` for odd answers, a flat 0 for even ones: every group of an even
+    answer has equal rewards, which dynamic sampling must drop."""
+    return 0.0 if int(answer) % 2 == 0 else digit_share(response, answer)

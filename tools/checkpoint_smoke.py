@@ -14,25 +14,7 @@ from __future__ import annotations
 import os
 
 import torch
-from stage_runner import run_stages
-
-
-def _batch(tokenizer, seed: int):
-    from learner.batch import build_train_batch
-    from rollout.types import Sample
-
-    gen = torch.Generator().manual_seed(seed)
-    samples = []
-    for i in range(8):
-        length = int(torch.randint(2, 10, (1,), generator=gen))
-        samples.append(Sample(
-            prompt_index=i // 4,
-            prompt_token_ids=torch.randint(3, len(tokenizer), (6,), generator=gen).tolist(),
-            response_token_ids=torch.randint(3, len(tokenizer), (length,), generator=gen).tolist(),
-            response_logprobs=[-4.0] * length, finish_reason="stop", weight_version=0,
-            worker_index=0))
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3])
-    return build_train_batch(samples, advantages, tokenizer.pad_token_id)
+from stage_runner import random_batch, run_stages
 
 
 def _weights(learner) -> dict[str, torch.Tensor]:
@@ -58,8 +40,8 @@ def check_stage(stage: int, dtype: str, model_dir: str, work_dir: str, port: int
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    first, second = (shard_for_learners(_batch(tokenizer, s), 1, 1)[0] for s in (1, 2))
-    second_again = shard_for_learners(_batch(tokenizer, 2), 1, 1)[0]
+    first, second = (shard_for_learners(random_batch(tokenizer, s), 1, 1)[0] for s in (1, 2))
+    second_again = shard_for_learners(random_batch(tokenizer, 2), 1, 1)[0]
     checkpoint_dir = os.path.join(work_dir, f"stage{stage}")
 
     original = learner()

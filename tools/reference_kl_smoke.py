@@ -13,25 +13,7 @@ visible, else on CPU (gloo).
 from __future__ import annotations
 
 import torch
-from stage_runner import run_stages
-
-
-def _batch(tokenizer):
-    from learner.batch import build_train_batch
-    from rollout.types import Sample
-
-    gen = torch.Generator().manual_seed(1)
-    samples = []
-    for i in range(8):
-        length = int(torch.randint(2, 10, (1,), generator=gen))
-        samples.append(Sample(
-            prompt_index=i // 4,
-            prompt_token_ids=torch.randint(3, len(tokenizer), (6,), generator=gen).tolist(),
-            response_token_ids=torch.randint(3, len(tokenizer), (length,), generator=gen).tolist(),
-            response_logprobs=[-4.0] * length, finish_reason="stop", weight_version=0,
-            worker_index=0))
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3])
-    return build_train_batch(samples, advantages, tokenizer.pad_token_id)
+from stage_runner import random_batch, run_stages
 
 
 def _reference_weights(learner) -> dict[str, torch.Tensor]:
@@ -56,7 +38,8 @@ def check_stage(stage: int, dtype: str, model_dir: str, _work_dir: str, port: in
     learner = Learner(0, 1, model_dir, ModelConfig(dtype=dtype), cfg, algo, temperature=1.0, seed=0)
     learner.setup("127.0.0.1", port)
     initial = {n: t.float() for n, t in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
-    shard = shard_for_learners(_batch(AutoTokenizer.from_pretrained(model_dir)), 1, 1, micro_batch_size=4)[0]
+    batch = random_batch(AutoTokenizer.from_pretrained(model_dir), 1)
+    shard = shard_for_learners(batch, 1, 1, micro_batch_size=4)[0]
     first = learner.train_step(shard).metrics
     second = learner.train_step(shard).metrics
     reference = _reference_weights(learner)

@@ -82,20 +82,10 @@ def load_eval_results(path, up_to_step: int | None = None) -> list[EvalResult]:
     Records written by ``lpreg eval`` (they carry a ``source``) are not part of a run's
     curve and are left out; so are steps after ``up_to_step``.
     """
-    import json
-    from pathlib import Path
+    from launch.reporting.metrics import read_jsonl
 
-    path = Path(path)
-    if not path.is_file():
-        return []
     results = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short when a run was killed
-            continue
+    for record in read_jsonl(path):
         step = record.pop("step", None)
         if "source" in record or not isinstance(step, int):
             continue

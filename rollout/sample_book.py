@@ -109,7 +109,7 @@ class SampleBook:
             temperature=sampling.temperature, top_p=sampling.top_p)
 
     def on_output(self, request_id: str, token_ids: list[int], logprobs: list[float],
-                  finish_reason: str | None, text: str,
+                  finish_reason: str | None, text: str | None,
                   top: tuple[list[list[int]], list[list[float]]] = ([], [])) -> GroupResult | None:
         """Record a cumulative output of a running segment; returns the group if it is done.
 
@@ -125,7 +125,9 @@ class SampleBook:
         del self.running[request_id]
         sample.close_segment()
         sample.finish_reason = finish_reason
-        sample.text = text if sample.segment == 0 else self.decode(sample.tokens)
+        # The engine's text covers only this segment, and there is none when it did not
+        # detokenize: spell the whole response out then.
+        sample.text = text if sample.segment == 0 and text is not None else self.decode(sample.tokens)
         return self._maybe_finish(sample.group_id)
 
     def interrupt_all(self) -> tuple[list[SampleProgress], list[str]]:

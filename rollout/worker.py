@@ -176,8 +176,12 @@ class RolloutWorker:
                         request.request_id, {"prompt_token_ids": request.prompt_token_ids},
                         SamplingParams(n=1, temperature=request.temperature, top_p=request.top_p,
                                        max_tokens=request.max_tokens, seed=request.seed,
-                                       # The sampled token's own log-prob, and the top K when asked.
-                                       logprobs=self.cfg.top_logprobs))
+                                       # The sampled token's own log-prob, and the top K when asked,
+                                       # in flat lists rather than a dict of objects per position.
+                                       logprobs=self.cfg.top_logprobs, flat_logprobs=True,
+                                       # With top K, vLLM would spell out every listed token;
+                                       # the response is decoded once at the end instead.
+                                       detokenize=self.cfg.top_logprobs == 0))
                 started = time.perf_counter()
                 outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
                 elapsed = time.perf_counter() - started
@@ -186,12 +190,11 @@ class RolloutWorker:
                     for output in outputs:
                         completion = output.outputs[0]
                         tokens = list(completion.token_ids)
-                        positions = completion.logprobs or []
-                        logprobs = [step[token].logprob
-                                    for step, token in zip(positions, tokens, strict=True)]
+                        logprobs, top = read_flat_logprobs(completion.logprobs, len(tokens))
                         reason = (completion.finish_reason or "length") if output.finished else None
+                        text = completion.text if self.cfg.top_logprobs == 0 else None
                         done = self.book.on_output(output.request_id, tokens, logprobs, reason,
-                                                   completion.text, self._top(positions))
+                                                   text, top)
                         if done is not None:
                             self.book.finished.append(done)
                     self._busy = self.engine.has_unfinished_requests()
@@ -200,18 +203,6 @@ class RolloutWorker:
             with self._cv:
                 self._error = err
                 self._cv.notify_all()
-
-    def _top(self, positions: list[dict]) -> tuple[list[list[int]], list[list[float]]]:
-        """The K most likely tokens at each position, most likely first (K = top_logprobs)."""
-        k = self.cfg.top_logprobs
-        if k <= 0:
-            return [], []
-        ids, values = [], []
-        for step in positions:
-            top = sorted((lp.rank, token, lp.logprob) for token, lp in step.items() if lp.rank <= k)
-            ids.append([token for _, token, _ in top])
-            values.append([value for _, _, value in top])
-        return ids, values
 
     # -- parking the engine --------------------------------------------------------------
     def _park(self) -> None:
@@ -284,6 +275,26 @@ class RolloutWorker:
 
     def update_weight_version(self, version: str) -> None:
         self.llm.update_weight_version(version)
+
+
+TopLogprobs = tuple[list[list[int]], list[list[float]]]  # per position: token ids, log-probs
+
+
+def read_flat_logprobs(flat, num_tokens: int) -> tuple[list[float], TopLogprobs]:
+    """The sampled tokens' log-probs, and the top K at each position, from vLLM's flat lists.
+
+    At each position vLLM lists the sampled token first, then the K most likely in rank
+    order (the sampled one again if it is among them).
+    """
+    if flat is None or num_tokens == 0:
+        return [], ([], [])
+    sampled, top_ids, top_logprobs = [], [], []
+    for start, end in zip(flat.start_indices[:num_tokens], flat.end_indices[:num_tokens], strict=True):
+        sampled.append(flat.logprobs[start])
+        if end - start > 1:
+            top_ids.append(flat.token_ids[start + 1:end])
+            top_logprobs.append(flat.logprobs[start + 1:end])
+    return sampled, (top_ids, top_logprobs)
 
 
 def _weight_transfer_kwargs(cfg: RolloutConfig) -> dict:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
 from launch.cluster.remote import wait_named
-from learner.actor import Learner, LearnerStepResult
-from learner.batch import RaggedBatch, TrainBatch, shard_for_learners
+from learner.actor import Learner
+from learner.batch import RaggedBatch, shard_for_learners
 
 
 def total_optimizer_steps(total_steps: int, algo: AlgorithmConfig) -> int:
@@ -64,12 +64,6 @@ class LearnerGroup:
                                     max_tokens_per_micro_batch=self.cfg.max_tokens_per_micro_batch)
         return [w.train_step.remote(shard) for w, shard in zip(self.workers, shards, strict=True)]
 
-    def train_step(self, batch: RaggedBatch) -> list[LearnerStepResult]:
-        refs = dict(zip([name for name, _ in self.named_workers()], self.train_step_refs(batch),
-                        strict=True))
-        results = wait_named(refs, self.cfg.timeout_s, "finish its training step")
-        return [results[name] for name, _ in self.named_workers()]
-
     def describe_actors(self) -> list[dict]:
         return [{"name": name, "pid": pid, "node": node}
                 for (name, _), (pid, node) in zip(self.named_workers(), self._where, strict=True)]
@@ -87,11 +81,6 @@ class LearnerGroup:
 
     def send_weights_nccl_refs(self) -> list:
         return [w.send_weights_nccl.remote() for w in self.workers]
-
-    def compute_log_probs(self, batch: RaggedBatch | TrainBatch):
-        # Every rank runs the pass: under ZeRO-3 a forward is a collective.
-        refs = {name: w.compute_log_probs.remote(batch) for name, w in self.named_workers()}
-        return wait_named(refs, self.cfg.timeout_s, "compute log-probs")["learner-0"]
 
     def save_checkpoint(self, directory: str) -> None:
         # Every rank at once: DeepSpeed's save is a collective.

@@ -153,10 +153,6 @@ class RolloutPool:
                 self.poll(0.05, extra=pending)
         return ray.get(refs)
 
-    @property
-    def in_flight_groups(self) -> int:
-        return len(self.pending) + sum(len(s.in_flight) for s in self.slots)
-
     def live_slots(self) -> list[WorkerSlot]:
         return [s for s in self.slots if s.state == "live"]
 

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,10 +250,16 @@ class Trainer:
         log.info("eval at step %d: %s", step, _headline(result.metrics))
         return result.metrics
 
-    def _learners(self, refs: list, what: str) -> list:
-        """Wait for learner calls while the rollout pool keeps moving; a dead rank is LearnerLost."""
+    @contextmanager
+    def _learner_loss(self, what: str) -> Iterator[None]:
+        """A learner rank's death inside the block becomes ``LearnerLost``, naming the rank.
+
+        A ``RunStopped`` (the rollout pool giving up) passes through as it is.
+        """
         try:
-            return self.pool.wait_refs(refs, self.cfg.learner.timeout_s, what)
+            yield
+        except RunStopped:
+            raise
         except Exception as err:
             if is_actor_death(err):
                 raise LearnerLost(f"a learner rank died while {what} "
@@ -280,18 +288,15 @@ class Trainer:
                                         temperature=cfg.rollout.temperature)
 
         update_start = time.perf_counter()
-        learner_results = self._learners(self.learners.train_step_refs(train_batch),
-                                         "training on the step's batch")
+        what = "training on the step's batch"
+        with self._learner_loss(what):
+            learner_results = self.pool.wait_refs(self.learners.train_step_refs(train_batch),
+                                                  cfg.learner.timeout_s, what)
         update_s = time.perf_counter() - update_start
 
         self.version += 1
-        try:
+        with self._learner_loss("exporting weights"):
             sync_report = self.sync.push(self.version)
-        except Exception as err:
-            if is_actor_death(err) and not isinstance(err, RunStopped):
-                raise LearnerLost(f"a learner rank died while exporting weights "
-                                  f"({self.learners.name_of_failure(err)})") from err
-            raise
 
         step_end = time.perf_counter()
         step_s = step_end - self._step_end
@@ -340,17 +345,12 @@ class Trainer:
         """Saves a resumable checkpoint; returns the seconds it took."""
         cfg = self.cfg
         save_start = time.perf_counter()
-        try:
+        with self._learner_loss("saving a checkpoint"):
             saved = checkpoint.save(self.checkpoints_dir, checkpoint.TrainerState(
                 step=step, weight_version=self.version, sampler=self.pipeline.sampler_state(),
                 num_prompts=len(self.prompts.records), learner_world_size=cfg.learner.num_workers,
                 zero_stage=cfg.learner.zero_stage, seed=cfg.trainer.seed, model_path=self.model_path),
                 self.learners, cfg.trainer.keep_last)
-        except Exception as err:
-            if is_actor_death(err):
-                raise LearnerLost(f"a learner rank died while saving a checkpoint "
-                                  f"({self.learners.name_of_failure(err)})") from err
-            raise
         log.info("checkpoint saved: %s", saved)
         return time.perf_counter() - save_start
 

@@ -102,8 +102,9 @@ class RolloutPool:
         self.pending: deque[GroupRequest] = deque()
         self.results: dict[str, GroupResult] = {}
         self.counters = PoolCounters()
-        # How a replacement gets the current weights: set by the weight sync.
+        # How a replacement gets the current weights, and their version: set by the weight sync.
         self.load_current_weights: Callable[[Any], Any] | None = None
+        self.current_version = 0
         for slot in self.slots:
             self._start(slot)
         deadline = time.monotonic() + cfg.startup_timeout_s
@@ -163,6 +164,7 @@ class RolloutPool:
         A worker lost during the load is replaced like any other; its replacement loads
         these weights before it is given work.
         """
+        self.current_version = version
         for slot in self.live_slots():
             slot.load_ref = slot.handle.load_weights.remote(weights_ref, version, partial)
         deadline = time.monotonic() + self.cfg.timeout_s
@@ -243,17 +245,11 @@ class RolloutPool:
             return []
         if attr == "ready_ref":
             slot.pid, slot.node = value["pid"], value["node"]
-            # A replacement serves nothing before it holds the weights the others hold.
-            load = (self.load_current_weights(slot.handle)
-                    if slot.lost_at is not None and self.load_current_weights is not None else None)
-            if load is None:
-                self._go_live(slot)
-            else:
-                slot.state, slot.load_ref = "loading", load
+            self._catch_up(slot, loaded=0)
             return []
         if attr == "load_ref":
             if slot.state == "loading":
-                self._go_live(slot)
+                self._catch_up(slot, loaded=value)
             return []
         report: WorkerReport = value
         return self._on_report(slot, report)
@@ -357,6 +353,21 @@ class RolloutPool:
         slot.pid = slot.node = None
         slot.busy_s, slot.last_in_flight, slot.interrupted_seen = 0.0, 0, 0
         slot.ready_ref = slot.handle.ready.remote()
+
+    def _catch_up(self, slot: WorkerSlot, loaded: int) -> None:
+        """A replacement serves nothing before it holds the weights the others hold.
+
+        It loads the current weights, and loads again if a push for a newer version went
+        to the live workers while it was loading (a push skips a worker still loading).
+        """
+        if slot.lost_at is None or loaded == self.current_version or self.load_current_weights is None:
+            self._go_live(slot)
+            return
+        load = self.load_current_weights(slot.handle)
+        if load is None:  # nothing was pushed yet: model.path is the current version
+            self._go_live(slot)
+        else:
+            slot.state, slot.load_ref = "loading", load
 
     def _go_live(self, slot: WorkerSlot) -> None:
         slot.state = "live"

@@ -53,3 +53,49 @@ def test_kept_groups_are_trimmed_to_what_splits_over_mini_batches_and_learners(k
     cfg = load_config(overrides=["data.prompts_per_step=32", "rollout.samples_per_prompt=1",
                                  "algorithm.advantage=reinforce_pp", "learner.num_workers=2"])
     assert trainable_group_count(kept, cfg) == expected
+
+
+class CatchUpPool:
+    """The pool's catch-up decision, without Ray: loads are recorded, not sent."""
+
+    def __init__(self, current_version, pushed=True):
+        from launch.cluster.rollout_pool import RolloutPool
+
+        self.pool = RolloutPool.__new__(RolloutPool)
+        self.pool.current_version = current_version
+        self.loads = []
+        self.live = []
+        self.pool.load_current_weights = (
+            (lambda handle: self.loads.append(handle) or f"load-{len(self.loads)}") if pushed
+            else (lambda handle: None))
+        self.pool._go_live = self.live.append
+
+
+def replacement(index=0):
+    from launch.cluster.rollout_pool import WorkerSlot
+
+    return WorkerSlot(index, handle=f"h{index}", lost_at=1.0)
+
+
+def test_a_replacement_loads_the_current_weights_before_it_serves():
+    fake, slot = CatchUpPool(current_version=5), replacement()
+    fake.pool._catch_up(slot, loaded=0)  # just started: holds model.path
+    assert fake.loads == ["h0"] and slot.state == "loading" and fake.live == []
+    fake.pool._catch_up(slot, loaded=5)
+    assert fake.live == [slot]
+
+
+def test_a_replacement_that_loaded_while_a_newer_push_went_out_loads_again():
+    fake, slot = CatchUpPool(current_version=5), replacement()
+    fake.pool._catch_up(slot, loaded=0)
+    fake.pool.current_version = 6  # a push went to the live workers meanwhile
+    fake.pool._catch_up(slot, loaded=5)
+    assert fake.loads == ["h0", "h0"] and fake.live == []
+    fake.pool._catch_up(slot, loaded=6)
+    assert fake.live == [slot]
+
+
+def test_before_any_push_a_replacement_serves_at_once():
+    fake, slot = CatchUpPool(current_version=0, pushed=False), replacement()
+    fake.pool._catch_up(slot, loaded=0)
+    assert fake.live == [slot] and fake.loads == []

@@ -161,19 +161,22 @@ class RolloutPool:
     def push_weights(self, weights_ref: Any, version: int, partial: bool) -> None:
         """Every live worker loads ``weights_ref`` as ``version``; waits, healing meanwhile.
 
-        A worker lost during the load is replaced like any other; its replacement loads
-        these weights before it is given work.
+        Without partial rollouts a worker first finishes what it is generating, which can
+        take long; the deadline (``rollout.timeout_s``) therefore runs from the push or
+        from the worker's last progress, whichever is later. A worker lost during the load
+        is replaced like any other; its replacement loads these weights before it serves.
         """
         self.current_version = version
+        pushed = time.monotonic()
         for slot in self.live_slots():
             slot.load_ref = slot.handle.load_weights.remote(weights_ref, version, partial)
-        deadline = time.monotonic() + self.cfg.timeout_s
-        while any(s.load_ref is not None and s.state == "live" for s in self.slots):
-            if time.monotonic() > deadline:
-                for slot in [s for s in self.slots if s.load_ref is not None and s.state == "live"]:
-                    self._lose(slot, f"did not load weights v{version} within "
-                                     f"{self.cfg.timeout_s:.0f}s")
-                break
+        while loading := [s for s in self.slots if s.load_ref is not None and s.state == "live"]:
+            now = time.monotonic()
+            for slot in loading:
+                waited = now - max(pushed, slot.last_progress)
+                if waited > self.cfg.timeout_s:
+                    self._lose(slot, f"did not load weights v{version} in {waited:.0f}s "
+                                     "without progress")
             self.poll(0.05)
 
     def abort_all(self) -> None:

@@ -56,6 +56,8 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 KL_TYPES = ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3")
 
 LOW_PROB = 0.1  # actor/low_prob_frac counts sampled tokens below this probability
+# Metrics that count tokens: summed over micro-batches, epochs and ranks instead of averaged.
+COUNT_METRICS = frozenset({"lp_reg/regularized_tokens"})
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -249,6 +251,7 @@ def lp_reg_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
         "actor/pg_clipfrac": masked_mean(clipped, valid),
         "lp_reg/selected_frac": masked_mean(selected, valid),
         "lp_reg/regularized_frac": masked_mean(regularized, valid),
+        "lp_reg/regularized_tokens": regularized.sum().to(log_prob.dtype),
         "lp_reg/proxy_kl": (torch.where(regularized, proxy_kl.detach(), zero).sum()
                             / regularized.sum().clamp(min=1)),
     })

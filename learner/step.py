@@ -25,6 +25,7 @@ import torch
 
 from conf.schema import AlgorithmConfig
 from learner.batch import LearnerShard, TrainBatch, uses_behaviour_proxy
+from learner.losses import COUNT_METRICS
 from learner.token_stats import TokenStats, head_token_stats, token_stats
 
 STALE_POLICIES = ("learner", "behaviour")
@@ -256,4 +257,4 @@ def train_on_shard(
                     record(mismatch_metrics(start_log_prob.detach(), micro.rollout_log_probs,
                                             micro.response_mask, micro.staleness))
             record(optimizer_step())
-    return {key: sums[key] / counts[key] for key in sums}
+    return {key: sums[key] if key in COUNT_METRICS else sums[key] / counts[key] for key in sums}

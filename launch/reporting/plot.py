@@ -32,9 +32,18 @@ FIGURES: list[tuple[str, str, list[tuple[str, str]]]] = [
     ]),
     ("lp_reg", "Lp-Reg", [
         ("lp_reg/regularized_frac", "regularised fraction of tokens"),
+        ("lp_reg/regularized_tokens", "tokens the regulariser acted on (per step)"),
         ("lp_reg/selected_frac", "selected fraction"),
         ("lp_reg/proxy_kl", "KL(proxy || policy) on regularised tokens"),
         ("lp_reg/filtered_frac", "tokens removed by the min-p filter"),
+    ]),
+    ("sampled_prob", "Probability of the sampled tokens (share of each step's tokens)", [
+        ("sampled_prob/below_0.01", "p < 0.01"),
+        ("sampled_prob/0.01_to_0.1", "0.01 <= p < 0.1"),
+        ("sampled_prob/0.1_to_0.5", "0.1 <= p < 0.5"),
+        ("sampled_prob/0.5_to_0.9", "0.5 <= p < 0.9"),
+        ("sampled_prob/above_0.9", "p >= 0.9"),
+        ("sampled_prob/below_0.1", "low-probability mass: p < 0.1"),
     ]),
     ("response_length", "Response length", [
         ("response_length/mean", "mean length (tokens)"),

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import math
 import statistics
 
 from launch.data.prompts import PromptRecord
+from learner.losses import COUNT_METRICS
+
+# Edges of the sampled-token probability buckets. The lowest buckets are the tail where
+# Lp-Reg's "reasoning sparks" live, and where plain policy gradient on negative answers
+# pushes hardest; watching their share over training shows whether the tail survives.
+PROB_BUCKET_EDGES = (0.01, 0.1, 0.5, 0.9)
+PROB_BUCKET_KEYS = ("sampled_prob/below_0.01", "sampled_prob/0.01_to_0.1", "sampled_prob/0.1_to_0.5",
+                    "sampled_prob/0.5_to_0.9", "sampled_prob/above_0.9")
+# The low-probability-token mass: the share of sampled tokens below 0.1, the two lowest buckets.
+LOW_PROB_MASS_KEY = "sampled_prob/below_0.1"
+
+
+def probability_buckets(logprobs: list[float]) -> dict[str, float]:
+    """Share of sampled tokens in each probability bucket, as the generating policy saw them."""
+    counts = [0] * len(PROB_BUCKET_KEYS)
+    for logprob in logprobs:
+        counts[bisect.bisect_right(PROB_BUCKET_EDGES, math.exp(logprob))] += 1
+    total = max(1, len(logprobs))
+    shares = {key: count / total for key, count in zip(PROB_BUCKET_KEYS, counts, strict=True)}
+    shares[LOW_PROB_MASS_KEY] = (counts[0] + counts[1]) / total
+    return shares
 
 
 def summarize_rollout(samples, rewards: list[float], max_tokens: int) -> dict[str, float]:
@@ -20,6 +43,7 @@ def summarize_rollout(samples, rewards: list[float], max_tokens: int) -> dict[st
         "response_length/clip_ratio": sum(s.finish_reason == "length" for s in samples)
         / len(samples),
         "rollout/num_samples": len(samples),
+        **probability_buckets([lp for s in samples for lp in s.response_logprobs]),
     }
 
 
@@ -29,5 +53,7 @@ def prompt_ids_hash(records: list[PromptRecord]) -> str:
 
 
 def average_learner_metrics(results) -> dict[str, float]:
+    """The ranks' metrics: means averaged, token counts added up."""
     keys = sorted({k for r in results for k in r.metrics})
-    return {k: statistics.fmean(r.metrics[k] for r in results if k in r.metrics) for k in keys}
+    combine = {k: sum if k in COUNT_METRICS else statistics.fmean for k in keys}
+    return {k: combine[k]([r.metrics[k] for r in results if k in r.metrics]) for k in keys}

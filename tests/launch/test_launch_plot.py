@@ -19,7 +19,8 @@ def write_run(run_dir, steps=6, lp_reg=True, eval_every=3, resumed_from=None):
                   "response_length/mean": 10.0 + step, "response_length/clip_ratio": 0.1,
                   "timing/step_s": 2.0, "timing/rollout_s": 1.2, "timing/update_s": 0.6,
                   "timing/weight_sync_s": 0.2, "rollout/requests_per_worker": [4, 4],
-                  "data/prompt_ids_hash": "abc", "reward/nan": math.nan}
+                  "data/prompt_ids_hash": "abc", "reward/nan": math.nan,
+                  "sampled_prob/below_0.01": 0.02 / step, "sampled_prob/above_0.9": 0.5}
         if lp_reg:
             record["lp_reg/regularized_frac"] = 0.01 * step
         if step % eval_every == 0:

@@ -202,6 +202,7 @@ def test_lp_reg_hand_case_value_gradient_metrics():
     torch.testing.assert_close(g, t([(2 - E2) / 5, 1 / 5, 1 / 5, 1 / 5, -1 / 5]))
     assert m["lp_reg/selected_frac"].item() == pytest.approx(2 / 5)
     assert m["lp_reg/regularized_frac"].item() == pytest.approx(1 / 5)
+    assert m["lp_reg/regularized_tokens"].item() == 1
     assert m["lp_reg/proxy_kl"].item() == pytest.approx(E2 - 3)
     assert m["lp_reg/filtered_frac"].item() == pytest.approx(1 / 5)
 
@@ -268,6 +269,7 @@ def test_selection_needs_at_least_two_tokens():
                        proxy_log_prob=torch.zeros(1, 200, dtype=F64))
     assert m["lp_reg/selected_frac"].item() == pytest.approx(2 / 200)
     assert m["lp_reg/regularized_frac"].item() == pytest.approx(2 / 200)
+    assert m["lp_reg/regularized_tokens"].item() == 2
 
 
 def test_regularised_tokens_are_unclipped():

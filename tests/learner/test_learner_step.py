@@ -185,3 +185,19 @@ def test_off_policy_fills_old_log_probs_from_a_no_grad_pass(monkeypatch):
         assert micro.old_log_probs is not None and micro.old_log_probs.shape == micro.response_mask.shape
         assert not micro.old_log_probs.requires_grad
         assert micro.proxy_log_probs is not None
+
+
+def test_token_counts_add_up_over_micro_batches_while_fractions_average():
+    model, batch = tiny_model(), make_batch()
+    # rho = 1: every negative token is selected, and with the proxy of the pass itself the
+    # ones below it are regularised, however the batch is cut.
+    algo = AlgorithmConfig(loss="lp_reg", lp_reg_neg_frac=1.0, lp_reg_min_p=0.5)
+    results = []
+    for micro_batch_size in (8, 2):
+        shard = shard_for_learners(batch, 1, 1, micro_batch_size=micro_batch_size)[0]
+        results.append(train_on_shard(model, shard, algo, temperature=1.0, world_size=1,
+                                      backward=lambda loss, boundary: None, optimizer_step=lambda: {}))
+    whole, cut = results
+    assert whole["lp_reg/regularized_tokens"] > 0
+    assert cut["lp_reg/regularized_tokens"] == whole["lp_reg/regularized_tokens"]
+    assert 0 < cut["lp_reg/regularized_frac"] < 1  # a mean of fractions, not a sum

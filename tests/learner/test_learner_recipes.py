@@ -1,4 +1,5 @@
-"""Every recipe only uses keys of the schema, and the Lp-Reg recipes hold the reference settings."""
+"""Every recipe only uses keys of the schema, the paper's Lp-Reg recipes hold the reference
+settings, and the laptop pair differs in the method alone."""
 
 from pathlib import Path
 
@@ -8,7 +9,10 @@ from omegaconf import OmegaConf
 from conf.schema import LpregConfig
 from learner import ADVANTAGE_ESTIMATORS, AGG_MODES, KL_TYPES, POLICY_LOSSES
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "conf" / "recipes").glob("*.yaml"))
+ALL_RECIPES = sorted((Path(__file__).resolve().parents[2] / "conf" / "recipes").glob("*.yaml"))
+# The paper's settings, one per table row and update style; the rest are laptop-scale.
+RECIPES = [p for p in ALL_RECIPES if p.stem.endswith(("_on_policy", "_off_policy"))]
+LAPTOP_RECIPES = [p for p in ALL_RECIPES if p.stem.startswith("laptop_")]
 METHODS = ("lp_reg", "grpo", "clip_higher", "gspo", "kl_cov", "entropy_8020", "grpo_entropy")
 
 
@@ -57,3 +61,20 @@ def test_gpu_recipes_use_token_budgets_checkpointing_and_chunked_logits(path):
     assert learner.logits_chunk_tokens > 0
     # No full-length sequence is ever over budget on its own.
     assert learner.max_tokens_per_micro_batch >= cfg.rollout.max_model_len
+
+
+def test_every_recipe_is_a_paper_or_a_laptop_recipe():
+    assert sorted(RECIPES + LAPTOP_RECIPES) == ALL_RECIPES
+
+
+def test_laptop_pair_differs_in_the_method_alone():
+    grpo, lp_reg = (OmegaConf.to_container(load(p.with_name(f"laptop_{name}.yaml")))
+                    for p in LAPTOP_RECIPES[:1] for name in ("grpo", "lp_reg"))
+    method_keys = {"loss", "clip_ratio_low", "clip_ratio_high"}
+    assert {k for k in grpo["algorithm"] if grpo["algorithm"][k] != lp_reg["algorithm"][k]} == method_keys
+    assert (grpo["algorithm"]["loss"], lp_reg["algorithm"]["loss"]) == ("ppo_clip", "lp_reg")
+    for section in grpo:
+        if section not in ("algorithm", "trainer"):
+            assert grpo[section] == lp_reg[section], section
+    assert {k for k in grpo["trainer"] if grpo["trainer"][k] != lp_reg["trainer"][k]} == {"run_name"}
+    assert grpo["model"]["path"] is None  # the tiny model, built offline

@@ -1,0 +1,56 @@
+"""``lpreg compare``: several recipes under the same seeds and budget, then one report."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from conf.load import ConfigError
+from launch.cli.arguments import add_overrides_argument
+
+EXIT_RUN_FAILED = 1
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got '{text}'") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from launch.experiments.compare import run_comparison
+
+    words = [w for recipe in args.recipes or [] for w in ("-c", recipe)]
+    words += ["--seeds", args.seeds, "--out", args.out, *args.overrides]
+    command = "lpreg compare " + shlex.join(words)
+    result = run_comparison(args.recipes or [], parse_seeds(args.seeds), args.out, list(args.overrides),
+                            parallel=args.parallel, command=command)
+    print(f"{len(result.ran)} run(s) done now, {len(result.outcomes) - len(result.ran)} finished "
+          "earlier")
+    print(result.summary_path)
+    print(result.report_path)
+    for path in result.plots:
+        print(path)
+    if result.failed:
+        names = "; ".join(f"{o.run.arm} seed {o.run.seed} (exit {o.exit_code}, log {o.log_path})"
+                          for o in result.failed)
+        print(f"lpreg: error: {len(result.failed)} run(s) failed: {names}; run the same command "
+              "again to retry them", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    compare = sub.add_parser(
+        "compare", help="train several recipes over the same seeds, then summarise and plot them")
+    compare.add_argument("-c", "--config", dest="recipes", action="append", metavar="RECIPE",
+                         help="a recipe file or shipped recipe name: one arm; repeat for each arm")
+    compare.add_argument("--seeds", default="0,1,2",
+                         help="comma-separated seeds, each run by every arm (default: 0,1,2)")
+    compare.add_argument("--out", default="compare", help="output directory (default: ./compare)")
+    compare.add_argument("--parallel", type=int, default=1, metavar="N",
+                         help="runs at a time (default 1; more on a Ray cluster, see the README)")
+    add_overrides_argument(compare, "overrides for every arm, e.g. trainer.total_steps=300")
+    compare.set_defaults(func=run)

@@ -1,0 +1,254 @@
+"""``lpreg compare``: the same budget under several recipes and seeds, then one report.
+
+Every (arm, seed) is an ordinary ``lpreg train`` run in a child process, in its own run
+directory under ``OUT/runs/ARM/seedS``. A run that finished leaves ``compare_run.json``
+there, with the resolved config it ran; a later ``lpreg compare`` with the same settings
+skips it, so an interrupted comparison picks up where it stopped. A run cut short
+continues from its newest checkpoint when it has one and starts again otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from conf.load import ConfigError, load_config, resolve_recipe, to_yaml
+from conf.schema import LpregConfig
+from launch.training.checkpoint import checkpoint_root, list_checkpoints
+
+log = logging.getLogger("lpreg.compare")
+
+DONE_FILE = "compare_run.json"
+# Keys ``lpreg compare`` sets itself for every run; overriding them would break the layout
+# or make the seeds meaningless.
+OWNED_KEYS = ("trainer.seed", "model.tiny.seed", "data.synthetic.seed", "trainer.output_dir",
+              "trainer.run_name", "trainer.resume")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One arm under one seed: its resolved config and where it lives."""
+
+    arm: str
+    recipe: Path
+    seed: int
+    overrides: tuple[str, ...]  # everything passed to ``lpreg train`` after the recipe
+    cfg: LpregConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.trainer.output_dir) / self.cfg.trainer.run_name
+
+    @property
+    def config_digest(self) -> str:
+        return hashlib.sha256(to_yaml(self.cfg).encode()).hexdigest()[:16]
+
+    def finished(self) -> dict | None:
+        """The record this run left when it finished with these very settings, or None.
+
+        A record for other settings is an error, not a reason to run again: it would
+        silently mix two experiments in one report."""
+        path = self.run_dir / DONE_FILE
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("config_digest") != self.config_digest:
+            raise ConfigError(
+                f"{self.run_dir} holds a finished run of arm '{self.arm}', seed {self.seed}, with "
+                "other settings than this comparison's; choose another --out, or remove that "
+                "directory to run it again")
+        return record
+
+
+def arm_name(recipe: str) -> str:
+    return Path(recipe).name.removesuffix(".yaml")
+
+
+def plan_runs(recipes: list[str], seeds: list[int], out_dir: Path,
+              overrides: list[str]) -> list[PlannedRun]:
+    """Every (arm, seed) run, each config loaded and checked before anything starts."""
+    if len(recipes) < 1:
+        raise ConfigError("lpreg compare needs at least one -c RECIPE")
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: each seed once, got {','.join(map(str, seeds))}")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in OWNED_KEYS:
+            raise ConfigError(f"config key '{key}' is set by lpreg compare for each run (use --seeds "
+                              "and --out); leave it out of the overrides")
+    names = [arm_name(r) for r in recipes]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ConfigError(f"two arms would share the name '{duplicated[0]}': give each -c a recipe "
+                          "file with its own name")
+    planned = []
+    for recipe, name in zip(recipes, names, strict=True):
+        path = resolve_recipe(recipe).resolve()
+        for seed in seeds:
+            owned = [f"trainer.seed={seed}", f"model.tiny.seed={seed}", f"data.synthetic.seed={seed}",
+                     f"trainer.output_dir={out_dir.resolve() / 'runs' / name}",
+                     f"trainer.run_name=seed{seed}"]
+            # The child runs exactly this config: its digest marks the run as finished.
+            run_overrides = (*overrides, "trainer.progress_bar=false", *owned)
+            cfg = load_config(str(path), run_overrides)
+            planned.append(PlannedRun(name, path, seed, run_overrides, cfg))
+    steps = {run.cfg.trainer.total_steps for run in planned}
+    if len(steps) > 1:
+        log.warning("the arms train for different numbers of steps (%s): their curves are compared "
+                    "step by step", ", ".join(map(str, sorted(steps))))
+    return planned
+
+
+def train_command(run: PlannedRun, resume: bool) -> list[str]:
+    command = [sys.executable, "-m", "launch.cli", "train", "-c", str(run.recipe), *run.overrides]
+    return command + (["trainer.resume=auto"] if resume else [])
+
+
+def _prepare_restart(run: PlannedRun) -> bool:
+    """Make a started but unfinished run ready to go on; True when it resumes from a checkpoint."""
+    if not run.run_dir.exists():
+        return False
+    if list_checkpoints(checkpoint_root(run.run_dir), warn=False):
+        log.info("%s seed %d: continuing the interrupted run from its newest checkpoint", run.arm, run.seed)
+        return True
+    # No checkpoint: start over, so that metrics.jsonl holds one run only.
+    log.info("%s seed %d: an interrupted run without checkpoints; starting it again", run.arm, run.seed)
+    shutil.rmtree(run.run_dir)
+    return False
+
+
+@dataclass
+class RunOutcome:
+    run: PlannedRun
+    exit_code: int
+    wall_s: float
+    log_path: Path
+    skipped: bool = False
+
+
+def execute(planned: list[PlannedRun], out_dir: Path, parallel: int = 1) -> list[RunOutcome]:
+    """Run what has not finished, ``parallel`` at a time; the finished ones are reported as skipped."""
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    outcomes: list[RunOutcome] = []
+    pending = []
+    for run in planned:
+        record = run.finished()
+        if record is not None:
+            log.info("%s seed %d: finished earlier (%.0f s), not run again", run.arm, run.seed,
+                     record["wall_s"])
+            outcomes.append(RunOutcome(run, 0, record["wall_s"], Path(record["log"]), skipped=True))
+        else:
+            pending.append(run)
+    running: list[tuple[PlannedRun, subprocess.Popen, float, Path]] = []
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                run = pending.pop(0)
+                resume = _prepare_restart(run)
+                log_path = logs / f"{run.arm}-seed{run.seed}.log"
+                command = train_command(run, resume)
+                log.info("%s seed %d: starting (log: %s)", run.arm, run.seed, log_path)
+                with log_path.open("a") as handle:
+                    handle.write(f"$ {' '.join(command)}\n")
+                    handle.flush()
+                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                               env=_child_env())
+                running.append((run, process, time.monotonic(), log_path))
+            time.sleep(1.0)
+            for entry in list(running):
+                run, process, started, log_path = entry
+                code = process.poll()
+                if code is None:
+                    continue
+                running.remove(entry)
+                wall_s = time.monotonic() - started
+                outcomes.append(RunOutcome(run, code, wall_s, log_path))
+                if code == 0:
+                    _mark_finished(run, wall_s, log_path)
+                    log.info("%s seed %d: finished in %.0f s", run.arm, run.seed, wall_s)
+                else:
+                    log.error("%s seed %d: lpreg train exited with status %d after %.0f s; see %s",
+                              run.arm, run.seed, code, wall_s, log_path)
+    finally:
+        for _, process, _, _ in running:  # interrupted: the children go with the comparison
+            process.terminate()
+        for _, process, _, _ in running:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return outcomes
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _mark_finished(run: PlannedRun, wall_s: float, log_path: Path) -> None:
+    record = {"arm": run.arm, "seed": run.seed, "recipe": str(run.recipe),
+              "overrides": list(run.overrides), "config_digest": run.config_digest,
+              "wall_s": wall_s, "log": str(log_path)}
+    (run.run_dir / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+@dataclass
+class ComparisonResult:
+    summary_path: Path
+    report_path: Path
+    plots: list[Path]
+    outcomes: list[RunOutcome]
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if o.exit_code != 0]
+
+    @property
+    def ran(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if not o.skipped]
+
+
+def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, overrides: list[str],
+                   parallel: int = 1, command: str = "lpreg compare") -> ComparisonResult:
+    """Plan, run what is not finished, and write ``summary.json``, the plots and ``report.md``."""
+    from launch.experiments.report import plot_bands, write_report, write_summary
+    from launch.experiments.summary import summarize_run
+    from launch.reporting.plot import load_run
+
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be 1 or more, got {parallel}")
+    out_dir = Path(out_dir)
+    planned = plan_runs(recipes, seeds, out_dir, overrides)
+    outcomes = execute(planned, out_dir, parallel)
+    by_run = {(o.run.arm, o.run.seed): o for o in outcomes}
+    arms: dict[str, dict] = {}
+    runs_by_arm: dict[str, list] = {}
+    missing = []
+    for run in planned:
+        arm = arms.setdefault(run.arm, {"recipe": str(run.recipe), "per_seed": {}})
+        outcome = by_run.get((run.arm, run.seed))
+        if outcome is None or outcome.exit_code != 0:
+            missing.append(f"{run.arm} seed {run.seed}")
+            continue
+        series = load_run(run.run_dir, name=f"{run.arm}/seed{run.seed}")
+        arm["per_seed"][run.seed] = summarize_run(series, run.cfg.trainer.total_steps, outcome.wall_s)
+        runs_by_arm.setdefault(run.arm, []).append(series)
+    summary_path = out_dir / "summary.json"
+    summary = write_summary(summary_path, arms, seeds, overrides, missing)
+    total_steps = max(run.cfg.trainer.total_steps for run in planned)
+    plots = plot_bands(runs_by_arm, out_dir / "plots", total_steps) if runs_by_arm else []
+    report_path = out_dir / "report.md"
+    write_report(report_path, summary, plots, command)
+    return ComparisonResult(summary_path, report_path, plots, outcomes)

@@ -1,0 +1,187 @@
+"""The comparison's outputs: ``summary.json``, one PNG per quantity, and ``report.md``.
+
+Each plot has one line per arm, the mean over seeds, in a band from the lowest to the
+highest seed. Per-step metrics are smoothed with a trailing mean over 2% of the run
+first, so that the trend reads through the noise; evaluations are plotted as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from launch.experiments.summary import (
+    ACCURACY_KEY,
+    DEFINITIONS,
+    ENTROPY_FRACTIONS,
+    ENTROPY_KEY,
+    REGULARIZED_FRAC_KEY,
+    REGULARIZED_TOKENS_KEY,
+    REWARD_KEY,
+    Spread,
+    aggregate,
+    band,
+)
+from launch.reporting.plot import RunSeries
+from launch.training.step_metrics import LOW_PROB_MASS_KEY, PROB_BUCKET_KEYS
+
+# (file stem, metric, title, log scale)
+BAND_PLOTS = [
+    ("entropy", ENTROPY_KEY, "policy entropy on its own responses", False),
+    ("accuracy", ACCURACY_KEY, "held-out greedy accuracy", False),
+    ("reward", REWARD_KEY, "training reward (mean)", False),
+    ("low_prob_mass", LOW_PROB_MASS_KEY, "low-probability mass: share of sampled tokens with p < 0.1",
+     False),
+    ("regularized_frac", REGULARIZED_FRAC_KEY, "share of tokens Lp-Reg acted on", False),
+    ("regularized_tokens", REGULARIZED_TOKENS_KEY, "tokens Lp-Reg acted on, per step", False),
+]
+BUCKETS_STEM = "sampled_prob"
+
+# Columns of the main table: (summary key, heading, as a percentage)
+TABLE_COLUMNS = [
+    ("final_accuracy", "final acc. %", True),
+    ("best_accuracy", "best acc. %", True),
+    ("entropy@start", "entropy start", False),
+    ("entropy@0.5", "entropy 50%", False),
+    ("entropy@1", "entropy end", False),
+    ("final_low_prob_mass", "p<0.1 share, end %", True),
+    ("regularized_frac", "regularised %", True),
+    ("wall_s", "wall s / run", False),
+]
+
+
+def write_summary(path: Path, arms: dict[str, dict], seeds: list[int], overrides: list[str],
+                  missing: list[str]) -> dict:
+    """``arms``: name -> {"recipe": str, "per_seed": {seed: summary}}; returns what it wrote."""
+    document = {
+        "seeds": seeds,
+        "overrides": overrides,
+        "missing_runs": missing,
+        "definitions": DEFINITIONS,
+        "arms": {
+            name: {"recipe": arm["recipe"],
+                   "per_seed": {str(seed): summary for seed, summary in arm["per_seed"].items()},
+                   "mean_std": {key: asdict(spread) if spread else None
+                                for key, spread in aggregate(arm["per_seed"]).items()}}
+            for name, arm in arms.items()
+        },
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return document
+
+
+def plot_bands(runs_by_arm: dict[str, list[RunSeries]], out_dir: Path, total_steps: int) -> list[Path]:
+    """One PNG per quantity any arm has; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    window = max(1, round(0.02 * total_steps))
+    written = []
+    for stem, key, title, log_scale in BAND_PLOTS:
+        smoothing = 1 if key == ACCURACY_KEY else window
+        bands = {arm: band(runs, key, smoothing) for arm, runs in runs_by_arm.items()}
+        bands = {arm: b for arm, b in bands.items() if b is not None}
+        if not bands:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for arm, curve in bands.items():
+            style = "o-" if len(curve.steps) < 30 else "-"
+            (line,) = ax.plot(curve.steps, curve.mean, style, markersize=3, label=arm)
+            ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2,
+                            linewidth=0)
+        if log_scale:
+            ax.set_yscale("log")
+        seeds = max(len(r) for r in runs_by_arm.values())
+        ax.set_title(f"{title}\nmean over {seeds} seed(s), band: min-max", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{stem}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    buckets = _plot_buckets(plt, runs_by_arm, out_dir, window)
+    return written + ([buckets] if buckets else [])
+
+
+def _plot_buckets(plt, runs_by_arm: dict[str, list[RunSeries]], out_dir: Path, window: int) -> Path | None:
+    """The sampled-token probability distribution over training: one panel per bucket, log
+    scale, so that the thin low-probability tail is as readable as the bulk."""
+    present = [k for k in PROB_BUCKET_KEYS if any(band(r, k, window) for r in runs_by_arm.values())]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 3.4), squeeze=False)
+    for ax, key in zip(axes.flat, present, strict=True):
+        for arm, runs in runs_by_arm.items():
+            curve = band(runs, key, window)
+            if curve is None:
+                continue
+            (line,) = ax.plot(curve.steps, curve.mean, "-", label=arm)
+            ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2,
+                            linewidth=0)
+        ax.set_yscale("log")
+        ax.set_title(key.removeprefix("sampled_prob/").replace("_", " ").replace("to", "-"), fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("share of sampled tokens")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("probability of the sampled tokens (p), by bucket", fontsize=10)
+    fig.tight_layout()
+    path = out_dir / f"{BUCKETS_STEM}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _cell(spread: dict | Spread | None, percent: bool, with_std: bool = True) -> str:
+    if spread is None:
+        return "—"
+    spread = spread if isinstance(spread, dict) else asdict(spread)
+    scale = 100.0 if percent else 1.0
+    mean, std = spread["mean"] * scale, spread["std"] * scale
+    digits = 1 if percent or abs(mean) >= 10 else 3
+    if not with_std or spread["n"] < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _value(value: float | None, percent: bool) -> str:
+    if value is None or not math.isfinite(value):
+        return "—"
+    value = value * 100.0 if percent else value
+    return f"{value:.1f}" if percent or abs(value) >= 10 else f"{value:.3f}"
+
+
+def write_report(path: Path, summary: dict, plots: list[Path], command: str) -> None:
+    """``report.md``: the table over seeds, the per-seed table, the plots, the definitions."""
+    lines = ["# Comparison", "", f"Command: `{command}`", "",
+             f"Seeds: {', '.join(map(str, summary['seeds']))}. Cells are mean ± sample standard "
+             "deviation over seeds.", ""]
+    if summary["missing_runs"]:
+        lines += [f"**Not finished:** {', '.join(summary['missing_runs'])}. The numbers below "
+                  "leave them out.", ""]
+    lines += ["| arm | " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |",
+              "|---|" + "---|" * len(TABLE_COLUMNS)]
+    for name, arm in summary["arms"].items():
+        cells = [_cell(arm["mean_std"].get(key), pct, key != "wall_s") for key, _, pct in TABLE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per seed", "",
+              "| arm | seed | " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |",
+              "|---|---|" + "---|" * len(TABLE_COLUMNS)]
+    for name, arm in summary["arms"].items():
+        for seed, run in arm["per_seed"].items():
+            cells = [_value(run.get(key), pct) for key, _, pct in TABLE_COLUMNS]
+            lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+    fractions = ", ".join(f"{f:.0%}" for f in ENTROPY_FRACTIONS)
+    lines += ["", f"Entropy at {fractions} of training is in `summary.json`.", "", "## Plots", ""]
+    for plot in plots:
+        lines += [f"![{plot.stem}](plots/{plot.name})", ""]
+    lines += ["## Definitions", ""]
+    lines += [f"- `{key}`: {meaning}" for key, meaning in summary["definitions"].items()]
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,148 @@
+"""What one run did, in the numbers an Lp-Reg comparison is judged by, and their spread over seeds.
+
+Per-step metrics are noisy, so a value "at" a point of training is the mean over a
+window of steps ending there (``window_steps``: 5% of the run, at least one step).
+Held-out accuracy is read at the evaluations themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from launch.reporting.plot import RunSeries
+from launch.training.step_metrics import LOW_PROB_MASS_KEY
+
+ENTROPY_KEY = "actor/entropy"
+ACCURACY_KEY = "eval/accuracy"
+REWARD_KEY = "reward/mean"
+REGULARIZED_FRAC_KEY = "lp_reg/regularized_frac"
+REGULARIZED_TOKENS_KEY = "lp_reg/regularized_tokens"
+# Fractions of training at which entropy is reported, besides the start.
+ENTROPY_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+# summary key -> what it means; report.md prints these under its tables.
+DEFINITIONS = {
+    "initial_accuracy": "held-out greedy accuracy before the first step",
+    "final_accuracy": "held-out greedy accuracy after the last step",
+    "best_accuracy": "best held-out greedy accuracy at any evaluation after the first step",
+    "entropy@start": "policy entropy on its own responses, mean over the first 5% of steps",
+    **{f"entropy@{f:g}": f"policy entropy, mean over the 5% of steps ending at {f:.0%} of training"
+       for f in ENTROPY_FRACTIONS},
+    "final_reward": "mean training reward over the last 5% of steps",
+    "low_prob_mass": "share of sampled tokens with probability < 0.1, mean over all steps",
+    "final_low_prob_mass": "share of sampled tokens with probability < 0.1, last 5% of steps",
+    "regularized_frac": "share of response tokens Lp-Reg acted on, mean over all steps",
+    "regularized_tokens": "response tokens Lp-Reg acted on, summed over the run",
+    "wall_s": "wall time of the run, start-up included (s)",
+}
+
+
+def window_steps(total_steps: int) -> int:
+    return max(1, round(0.05 * total_steps))
+
+
+def _mean_between(run: RunSeries, key: str, first: int, last: int) -> float | None:
+    found = run.get(key)
+    if found is None:
+        return None
+    values = [v for s, v in zip(found[1], found[2], strict=True) if first <= s <= last]
+    return statistics.fmean(values) if values else None
+
+
+def summarize_run(run: RunSeries, total_steps: int, wall_s: float | None = None) -> dict[str, float | None]:
+    """The comparison's numbers for one finished run; ``None`` where the run has no such metric
+    (a GRPO run has no regularised tokens)."""
+    window = window_steps(total_steps)
+    summary: dict[str, float | None] = {}
+    evals = run.get(ACCURACY_KEY)
+    if evals is not None:
+        steps, accuracies = evals[1], evals[2]
+        summary["initial_accuracy"] = accuracies[0] if steps[0] == 0 else None
+        after = [a for s, a in zip(steps, accuracies, strict=True) if s > 0]
+        summary["final_accuracy"] = after[-1] if after else None
+        summary["best_accuracy"] = max(after) if after else None
+    else:
+        summary.update(initial_accuracy=None, final_accuracy=None, best_accuracy=None)
+    summary["entropy@start"] = _mean_between(run, ENTROPY_KEY, 1, window)
+    for fraction in ENTROPY_FRACTIONS:
+        end = max(1, round(fraction * total_steps))
+        summary[f"entropy@{fraction:g}"] = _mean_between(run, ENTROPY_KEY, end - window + 1, end)
+    last = (total_steps - window + 1, total_steps)
+    summary["final_reward"] = _mean_between(run, REWARD_KEY, *last)
+    summary["low_prob_mass"] = _mean_between(run, LOW_PROB_MASS_KEY, 1, total_steps)
+    summary["final_low_prob_mass"] = _mean_between(run, LOW_PROB_MASS_KEY, *last)
+    summary["regularized_frac"] = _mean_between(run, REGULARIZED_FRAC_KEY, 1, total_steps)
+    tokens = run.get(REGULARIZED_TOKENS_KEY)
+    summary["regularized_tokens"] = sum(tokens[2]) if tokens is not None else None
+    summary["wall_s"] = wall_s
+    return summary
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One number over seeds: mean, sample standard deviation (0 for one seed), min and max."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return cls(statistics.fmean(values), std, min(values), max(values), len(values))
+
+
+def aggregate(per_seed: dict[int, dict[str, float | None]]) -> dict[str, Spread | None]:
+    """Each summary key's spread over the seeds that have it; ``None`` when none does."""
+    keys = list(dict.fromkeys(k for summary in per_seed.values() for k in summary))
+    spreads: dict[str, Spread | None] = {}
+    for key in keys:
+        values = [s[key] for s in per_seed.values()
+                  if s.get(key) is not None and math.isfinite(s[key])]
+        spreads[key] = Spread.of(values) if values else None
+    return spreads
+
+
+@dataclass(frozen=True)
+class Band:
+    """One metric of one arm over training: the mean over seeds and the min-max band."""
+
+    steps: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+
+
+def smooth(steps: list[int], values: list[float], window: int) -> tuple[list[int], list[float]]:
+    """Trailing moving average over ``window`` points (fewer at the start)."""
+    if window <= 1:
+        return steps, values
+    out, running = [], 0.0
+    for i, value in enumerate(values):
+        running += value
+        if i >= window:
+            running -= values[i - window]
+        out.append(running / min(i + 1, window))
+    return steps, out
+
+
+def band(runs: list[RunSeries], key: str, window: int = 1) -> Band | None:
+    """The seeds' curves of ``key`` on the steps all of them logged, each smoothed first."""
+    curves = []
+    for run in runs:
+        found = run.get(key)
+        if found is not None:
+            steps, values = smooth(found[1], found[2], window)
+            curves.append(dict(zip(steps, values, strict=True)))
+    if not curves:
+        return None
+    common = sorted(set.intersection(*(set(c) for c in curves)))
+    if not common:
+        return None
+    columns = [[c[s] for c in curves] for s in common]
+    return Band(common, [statistics.fmean(col) for col in columns],
+                [min(col) for col in columns], [max(col) for col in columns])

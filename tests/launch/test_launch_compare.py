@@ -1,0 +1,178 @@
+"""``lpreg compare``'s planning, summaries and report, on synthetic run directories."""
+
+import json
+import math
+import statistics
+from types import SimpleNamespace
+
+import pytest
+
+from conf.errors import ConfigError
+from launch.cli.main import main
+from launch.experiments.compare import DONE_FILE, _mark_finished, plan_runs, train_command
+from launch.experiments.report import plot_bands, write_report, write_summary
+from launch.experiments.summary import Spread, aggregate, band, smooth, summarize_run
+from launch.reporting.plot import load_run
+from launch.training.step_metrics import (
+    LOW_PROB_MASS_KEY,
+    PROB_BUCKET_KEYS,
+    average_learner_metrics,
+    probability_buckets,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(run_dir, steps=40, entropy_end=0.1, lp_reg=False, eval_every=10):
+    """A run whose entropy falls linearly from 0.5 to ``entropy_end``."""
+    run_dir.mkdir(parents=True)
+    evals = [{"step": 0, "eval/accuracy": 0.2}]
+    with (run_dir / "metrics.jsonl").open("w") as handle:
+        for step in range(1, steps + 1):
+            record = {"step": step, "reward/mean": step / steps,
+                      "actor/entropy": 0.5 + (entropy_end - 0.5) * step / steps,
+                      LOW_PROB_MASS_KEY: 0.1, "sampled_prob/below_0.01": 0.01,
+                      "sampled_prob/above_0.9": 0.6}
+            if lp_reg:
+                record["lp_reg/regularized_frac"] = 0.002
+                record["lp_reg/regularized_tokens"] = 3.0
+            if step % eval_every == 0:
+                record["eval/accuracy"] = 0.2 + 0.01 * step
+                evals.append({"step": step, "eval/accuracy": record["eval/accuracy"]})
+            handle.write(json.dumps(record) + "\n")
+    (run_dir / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    return run_dir
+
+
+def test_summary_reads_windows_evaluations_and_counts(tmp_path):
+    run = load_run(write_run(tmp_path / "r", steps=40, lp_reg=True))
+    summary = summarize_run(run, total_steps=40, wall_s=12.5)
+    # 5% of 40 steps: windows of 2 steps.
+    entropy = {s: 0.5 - 0.4 * s / 40 for s in range(1, 41)}
+    assert summary["entropy@start"] == pytest.approx((entropy[1] + entropy[2]) / 2)
+    assert summary["entropy@0.5"] == pytest.approx((entropy[19] + entropy[20]) / 2)
+    assert summary["entropy@1"] == pytest.approx((entropy[39] + entropy[40]) / 2)
+    assert summary["initial_accuracy"] == pytest.approx(0.2)
+    assert summary["final_accuracy"] == pytest.approx(0.6)
+    assert summary["best_accuracy"] == pytest.approx(0.6)
+    assert summary["final_reward"] == pytest.approx((39 + 40) / 80)
+    assert summary["low_prob_mass"] == pytest.approx(0.1)
+    assert summary["regularized_frac"] == pytest.approx(0.002)
+    assert summary["regularized_tokens"] == 120
+    assert summary["wall_s"] == 12.5
+
+
+def test_a_run_without_lp_reg_metrics_reports_none_not_zero(tmp_path):
+    summary = summarize_run(load_run(write_run(tmp_path / "r")), total_steps=40)
+    assert summary["regularized_frac"] is None and summary["regularized_tokens"] is None
+
+
+def test_aggregate_gives_mean_sample_std_and_range():
+    spreads = aggregate({0: {"a": 1.0, "b": None}, 1: {"a": 3.0, "b": None}, 2: {"a": 2.0, "b": None}})
+    assert spreads["a"] == Spread(mean=2.0, std=1.0, min=1.0, max=3.0, n=3)
+    assert spreads["b"] is None
+    assert aggregate({0: {"a": 5.0}})["a"].std == 0.0
+
+
+def test_band_is_taken_on_common_steps_after_smoothing(tmp_path):
+    a = load_run(write_run(tmp_path / "a", steps=20, entropy_end=0.1))
+    b = load_run(write_run(tmp_path / "b", steps=20, entropy_end=0.3))
+    curve = band([a, b], "actor/entropy")
+    assert curve.steps == list(range(1, 21))
+    assert curve.low[-1] == pytest.approx(0.1) and curve.high[-1] == pytest.approx(0.3)
+    assert curve.mean[-1] == pytest.approx(0.2)
+    assert band([a, b], "eval/accuracy").steps == [0, 10, 20]
+    assert band([a], "no/such_metric") is None
+    assert smooth([1, 2, 3], [1.0, 2.0, 6.0], 2) == ([1, 2, 3], [1.0, 1.5, 4.0])
+
+
+def test_probability_buckets_split_tokens_by_the_probability_they_were_sampled_with():
+    probs = [0.005, 0.05, 0.3, 0.3, 0.7, 0.95, 0.99, 1.0]
+    shares = probability_buckets([math.log(p) for p in probs])
+    assert [shares[k] for k in PROB_BUCKET_KEYS] == [1 / 8, 1 / 8, 2 / 8, 1 / 8, 3 / 8]
+    assert shares[LOW_PROB_MASS_KEY] == 2 / 8
+    assert sum(shares[k] for k in PROB_BUCKET_KEYS) == pytest.approx(1.0)
+
+
+def test_learner_ranks_token_counts_add_up_and_fractions_average():
+    ranks = [SimpleNamespace(metrics={"lp_reg/regularized_tokens": 3.0, "lp_reg/regularized_frac": 0.1}),
+             SimpleNamespace(metrics={"lp_reg/regularized_tokens": 5.0, "lp_reg/regularized_frac": 0.3})]
+    combined = average_learner_metrics(ranks)
+    assert combined["lp_reg/regularized_tokens"] == 8.0
+    assert combined["lp_reg/regularized_frac"] == pytest.approx(0.2)
+
+
+def test_plan_sets_seeds_and_run_directories_and_checks_every_config(tmp_path):
+    planned = plan_runs(["grpo_on_policy", "lp_reg_on_policy"], [0, 7], tmp_path, ["trainer.total_steps=5"])
+    assert [(r.arm, r.seed) for r in planned] == [("grpo_on_policy", 0), ("grpo_on_policy", 7),
+                                                  ("lp_reg_on_policy", 0), ("lp_reg_on_policy", 7)]
+    run = planned[1]
+    assert (run.cfg.trainer.seed, run.cfg.model.tiny.seed, run.cfg.data.synthetic.seed) == (7, 7, 7)
+    assert run.cfg.trainer.total_steps == 5 and run.cfg.algorithm.loss == "ppo_clip"
+    assert run.run_dir == tmp_path.resolve() / "runs" / "grpo_on_policy" / "seed7"
+    assert planned[2].cfg.algorithm.loss == "lp_reg"
+    assert planned[0].config_digest != planned[1].config_digest
+    command = train_command(run, resume=True)
+    assert command[-1] == "trainer.resume=auto" and "trainer.seed=7" in command
+
+
+@pytest.mark.parametrize(("recipes", "seeds", "overrides", "message"), [
+    (["grpo_on_policy"], [0], ["trainer.seed=3"], "trainer.seed"),
+    (["grpo_on_policy"], [0], ["trainer.output_dir=/x"], "trainer.output_dir"),
+    (["grpo_on_policy", "grpo_on_policy"], [0], [], "share the name"),
+    (["grpo_on_policy"], [0, 0], [], "each seed once"),
+    (["grpo_on_policy"], [], [], "at least one seed"),
+    ([], [0], [], "at least one -c"),
+    (["grpo_on_policy"], [0], ["algorithm.loss=nope"], "algorithm.loss"),
+])
+def test_plan_refuses_what_would_spoil_the_comparison(tmp_path, recipes, seeds, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_runs(recipes, seeds, tmp_path, overrides)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_finished_run_is_recognised_only_with_the_same_settings(tmp_path):
+    run = plan_runs(["grpo_on_policy"], [0], tmp_path, ["trainer.total_steps=5"])[0]
+    assert run.finished() is None
+    run.run_dir.mkdir(parents=True)
+    _mark_finished(run, 42.0, tmp_path / "log")
+    assert run.finished()["wall_s"] == 42.0
+    assert json.loads((run.run_dir / DONE_FILE).read_text())["seed"] == 0
+    changed = plan_runs(["grpo_on_policy"], [0], tmp_path, ["trainer.total_steps=6"])[0]
+    with pytest.raises(ConfigError, match="other settings"):
+        changed.finished()
+
+
+def test_report_tables_and_band_plots(tmp_path):
+    runs = {"grpo": [load_run(write_run(tmp_path / "g0", entropy_end=0.05)),
+                     load_run(write_run(tmp_path / "g1", entropy_end=0.07))],
+            "lp_reg": [load_run(write_run(tmp_path / "l0", entropy_end=0.3, lp_reg=True)),
+                       load_run(write_run(tmp_path / "l1", entropy_end=0.32, lp_reg=True))]}
+    arms = {name: {"recipe": f"{name}.yaml",
+                   "per_seed": {i: summarize_run(r, 40, 10.0) for i, r in enumerate(series)}}
+            for name, series in runs.items()}
+    summary = write_summary(tmp_path / "summary.json", arms, [0, 1], ["trainer.total_steps=40"], [])
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    grpo = summary["arms"]["grpo"]["mean_std"]
+    ends = [statistics.fmean(0.5 + (end - 0.5) * s / 40 for s in (39, 40)) for end in (0.05, 0.07)]
+    assert grpo["entropy@1"]["mean"] == pytest.approx(statistics.fmean(ends))
+    assert grpo["entropy@1"]["std"] == pytest.approx(statistics.stdev(ends))
+    assert grpo["regularized_frac"] is None
+    assert summary["arms"]["lp_reg"]["mean_std"]["regularized_frac"]["mean"] == pytest.approx(0.002)
+    plots = plot_bands(runs, tmp_path / "plots", total_steps=40)
+    names = {p.name for p in plots}
+    assert {"entropy.png", "accuracy.png", "reward.png", "low_prob_mass.png", "regularized_frac.png",
+            "regularized_tokens.png", "sampled_prob.png"} == names
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in plots)
+    write_report(tmp_path / "report.md", summary, plots, "lpreg compare -c a -c b")
+    report = (tmp_path / "report.md").read_text()
+    assert "| grpo |" in report and "| lp_reg | 1 |" in report
+    assert "![entropy](plots/entropy.png)" in report and "`lpreg compare -c a -c b`" in report
+    assert "60.0 ± 0.0" in report  # final accuracy of both seeds, in percent
+
+
+def test_cli_refuses_bad_seeds_and_parallel_with_one_line(capsys, tmp_path):
+    assert main(["compare", "-c", "grpo_on_policy", "--seeds", "0,x", "--out", str(tmp_path)]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert main(["compare", "-c", "grpo_on_policy", "--parallel", "0", "--out", str(tmp_path)]) == 2
+    assert "--parallel" in capsys.readouterr().err

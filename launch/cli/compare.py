@@ -10,6 +10,7 @@ from conf.load import ConfigError
 from launch.cli.arguments import add_overrides_argument
 
 EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -25,10 +26,16 @@ def run(args: argparse.Namespace) -> int:
     words = [w for recipe in args.recipes or [] for w in ("-c", recipe)]
     words += ["--seeds", args.seeds, "--out", args.out, *args.overrides]
     command = "lpreg compare " + shlex.join(words)
-    result = run_comparison(args.recipes or [], parse_seeds(args.seeds), args.out, list(args.overrides),
-                            parallel=args.parallel, command=command)
+    try:
+        result = run_comparison(args.recipes or [], parse_seeds(args.seeds), args.out, list(args.overrides),
+                                parallel=args.parallel, command=command,
+                                start_runs=not args.report_only)
+    except KeyboardInterrupt:
+        print("lpreg: interrupted; the same command continues the comparison, skipping the "
+              "runs that finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"{len(result.ran)} run(s) done now, {len(result.outcomes) - len(result.ran)} finished "
-          "earlier")
+          "earlier" + (f", {len(result.missing)} not finished" if result.missing else ""))
     print(result.summary_path)
     print(result.report_path)
     for path in result.plots:
@@ -52,5 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("--out", default="compare", help="output directory (default: ./compare)")
     compare.add_argument("--parallel", type=int, default=1, metavar="N",
                          help="runs at a time (default 1; more on a Ray cluster, see the README)")
+    compare.add_argument("--report-only", action="store_true",
+                         help="start no run: summarise and plot the runs that have finished")
     add_overrides_argument(compare, "overrides for every arm, e.g. trainer.total_steps=300")
     compare.set_defaults(func=run)

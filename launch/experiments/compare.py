@@ -136,8 +136,10 @@ class RunOutcome:
     skipped: bool = False
 
 
-def execute(planned: list[PlannedRun], out_dir: Path, parallel: int = 1) -> list[RunOutcome]:
-    """Run what has not finished, ``parallel`` at a time; the finished ones are reported as skipped."""
+def execute(planned: list[PlannedRun], out_dir: Path, parallel: int = 1,
+            start_runs: bool = True) -> list[RunOutcome]:
+    """Run what has not finished, ``parallel`` at a time; the finished ones are reported as
+    skipped. With ``start_runs`` False nothing starts: the outcomes are the finished runs."""
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     outcomes: list[RunOutcome] = []
@@ -148,7 +150,7 @@ def execute(planned: list[PlannedRun], out_dir: Path, parallel: int = 1) -> list
             log.info("%s seed %d: finished earlier (%.0f s), not run again", run.arm, run.seed,
                      record["wall_s"])
             outcomes.append(RunOutcome(run, 0, record["wall_s"], Path(record["log"]), skipped=True))
-        else:
+        elif start_runs:
             pending.append(run)
     running: list[tuple[PlannedRun, subprocess.Popen, float, Path]] = []
     try:
@@ -210,6 +212,7 @@ class ComparisonResult:
     report_path: Path
     plots: list[Path]
     outcomes: list[RunOutcome]
+    missing: list[str]  # "arm seed S" of every planned run without a finished result
 
     @property
     def failed(self) -> list[RunOutcome]:
@@ -221,8 +224,10 @@ class ComparisonResult:
 
 
 def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, overrides: list[str],
-                   parallel: int = 1, command: str = "lpreg compare") -> ComparisonResult:
-    """Plan, run what is not finished, and write ``summary.json``, the plots and ``report.md``."""
+                   parallel: int = 1, command: str = "lpreg compare",
+                   start_runs: bool = True) -> ComparisonResult:
+    """Plan, run what is not finished (unless ``start_runs`` is False), and write
+    ``summary.json``, the plots and ``report.md`` of every finished run."""
     from launch.experiments.report import plot_bands, write_report, write_summary
     from launch.experiments.summary import summarize_run
     from launch.reporting.plot import load_run
@@ -231,7 +236,7 @@ def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, ov
         raise ConfigError(f"--parallel must be 1 or more, got {parallel}")
     out_dir = Path(out_dir)
     planned = plan_runs(recipes, seeds, out_dir, overrides)
-    outcomes = execute(planned, out_dir, parallel)
+    outcomes = execute(planned, out_dir, parallel, start_runs)
     by_run = {(o.run.arm, o.run.seed): o for o in outcomes}
     arms: dict[str, dict] = {}
     runs_by_arm: dict[str, list] = {}
@@ -251,4 +256,4 @@ def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, ov
     plots = plot_bands(runs_by_arm, out_dir / "plots", total_steps) if runs_by_arm else []
     report_path = out_dir / "report.md"
     write_report(report_path, summary, plots, command)
-    return ComparisonResult(summary_path, report_path, plots, outcomes)
+    return ComparisonResult(summary_path, report_path, plots, outcomes, missing)

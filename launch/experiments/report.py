@@ -20,7 +20,6 @@ from launch.experiments.summary import (
     REGULARIZED_FRAC_KEY,
     REGULARIZED_TOKENS_KEY,
     REWARD_KEY,
-    Spread,
     aggregate,
     band,
 )
@@ -39,16 +38,17 @@ BAND_PLOTS = [
 ]
 BUCKETS_STEM = "sampled_prob"
 
-# Columns of the main table: (summary key, heading, as a percentage)
+# Columns of the tables: (summary key, heading, scale, decimals)
 TABLE_COLUMNS = [
-    ("final_accuracy", "final acc. %", True),
-    ("best_accuracy", "best acc. %", True),
-    ("entropy@start", "entropy start", False),
-    ("entropy@0.5", "entropy 50%", False),
-    ("entropy@1", "entropy end", False),
-    ("final_low_prob_mass", "p<0.1 share, end %", True),
-    ("regularized_frac", "regularised %", True),
-    ("wall_s", "wall s / run", False),
+    ("initial_accuracy", "acc. start %", 100, 1),
+    ("final_accuracy", "acc. end %", 100, 1),
+    ("best_accuracy", "best acc. %", 100, 1),
+    ("entropy@start", "entropy start", 1, 3),
+    ("entropy@0.5", "entropy 50%", 1, 3),
+    ("entropy@1", "entropy end", 1, 3),
+    ("final_low_prob_mass", "p<0.1 share end %", 100, 2),
+    ("regularized_frac", "regularised %", 100, 3),
+    ("wall_s", "wall s / run", 1, 0),
 ]
 
 
@@ -139,23 +139,19 @@ def _plot_buckets(plt, runs_by_arm: dict[str, list[RunSeries]], out_dir: Path, w
     return path
 
 
-def _cell(spread: dict | Spread | None, percent: bool, with_std: bool = True) -> str:
+def _cell(spread: dict | None, scale: float, decimals: int, with_std: bool = True) -> str:
     if spread is None:
         return "—"
-    spread = spread if isinstance(spread, dict) else asdict(spread)
-    scale = 100.0 if percent else 1.0
     mean, std = spread["mean"] * scale, spread["std"] * scale
-    digits = 1 if percent or abs(mean) >= 10 else 3
     if not with_std or spread["n"] < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return f"{mean:.{decimals}f}"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
-def _value(value: float | None, percent: bool) -> str:
+def _value(value: float | None, scale: float, decimals: int) -> str:
     if value is None or not math.isfinite(value):
         return "—"
-    value = value * 100.0 if percent else value
-    return f"{value:.1f}" if percent or abs(value) >= 10 else f"{value:.3f}"
+    return f"{value * scale:.{decimals}f}"
 
 
 def write_report(path: Path, summary: dict, plots: list[Path], command: str) -> None:
@@ -166,17 +162,18 @@ def write_report(path: Path, summary: dict, plots: list[Path], command: str) -> 
     if summary["missing_runs"]:
         lines += [f"**Not finished:** {', '.join(summary['missing_runs'])}. The numbers below "
                   "leave them out.", ""]
-    lines += ["| arm | " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |",
+    lines += ["| arm | " + " | ".join(c[1] for c in TABLE_COLUMNS) + " |",
               "|---|" + "---|" * len(TABLE_COLUMNS)]
     for name, arm in summary["arms"].items():
-        cells = [_cell(arm["mean_std"].get(key), pct, key != "wall_s") for key, _, pct in TABLE_COLUMNS]
+        cells = [_cell(arm["mean_std"].get(key), scale, decimals, key != "wall_s")
+                 for key, _, scale, decimals in TABLE_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Per seed", "",
-              "| arm | seed | " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |",
+              "| arm | seed | " + " | ".join(c[1] for c in TABLE_COLUMNS) + " |",
               "|---|---|" + "---|" * len(TABLE_COLUMNS)]
     for name, arm in summary["arms"].items():
         for seed, run in arm["per_seed"].items():
-            cells = [_value(run.get(key), pct) for key, _, pct in TABLE_COLUMNS]
+            cells = [_value(run.get(key), scale, decimals) for key, _, scale, decimals in TABLE_COLUMNS]
             lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     fractions = ", ".join(f"{f:.0%}" for f in ENTROPY_FRACTIONS)
     lines += ["", f"Entropy at {fractions} of training is in `summary.json`.", "", "## Plots", ""]

@@ -176,3 +176,22 @@ def test_cli_refuses_bad_seeds_and_parallel_with_one_line(capsys, tmp_path):
     assert "--seeds" in capsys.readouterr().err
     assert main(["compare", "-c", "grpo_on_policy", "--parallel", "0", "--out", str(tmp_path)]) == 2
     assert "--parallel" in capsys.readouterr().err
+
+
+def test_report_only_summarises_the_finished_runs_and_names_the_rest(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "-c", "grpo_on_policy", "-c", "lp_reg_on_policy", "--seeds", "0,1",
+            "--out", str(out), "trainer.total_steps=40", "--report-only"]
+    for run in plan_runs(["grpo_on_policy", "lp_reg_on_policy"], [0, 1], out, ["trainer.total_steps=40"]):
+        if (run.arm, run.seed) != ("lp_reg_on_policy", 1):  # that one never finished
+            write_run(run.run_dir, lp_reg=run.arm.startswith("lp_reg"))
+            _mark_finished(run, 30.0, out / "logs" / "x.log")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "0 run(s) done now, 3 finished earlier, 1 not finished" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing_runs"] == ["lp_reg_on_policy seed 1"]
+    assert summary["arms"]["grpo_on_policy"]["mean_std"]["final_accuracy"]["n"] == 2
+    assert summary["arms"]["lp_reg_on_policy"]["mean_std"]["final_accuracy"]["n"] == 1
+    assert "**Not finished:** lp_reg_on_policy seed 1" in (out / "report.md").read_text()
+    assert not (out / "runs" / "lp_reg_on_policy" / "seed1").exists()

@@ -70,7 +70,7 @@ def test_every_recipe_is_a_paper_or_a_laptop_recipe():
 def test_laptop_pair_differs_in_the_method_alone():
     grpo, lp_reg = (OmegaConf.to_container(load(p.with_name(f"laptop_{name}.yaml")))
                     for p in LAPTOP_RECIPES[:1] for name in ("grpo", "lp_reg"))
-    method_keys = {"loss", "clip_ratio_low", "clip_ratio_high"}
+    method_keys = {"loss", "lp_reg_neg_frac"}
     assert {k for k in grpo["algorithm"] if grpo["algorithm"][k] != lp_reg["algorithm"][k]} == method_keys
     assert (grpo["algorithm"]["loss"], lp_reg["algorithm"]["loss"]) == ("ppo_clip", "lp_reg")
     for section in grpo:

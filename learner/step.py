@@ -179,7 +179,7 @@ def train_on_shard(
     no-grad pass of it per micro-batch and step.
 
     Returns metrics averaged over micro-batches (and, for ``optimizer_step``'s
-    metrics, over optimizer steps).
+    metrics, over optimizer steps), except token counts (``COUNT_METRICS``), which add up.
     """
     from learner import LossInputs, policy_loss
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 
 from conf.load import ConfigError
@@ -11,6 +12,11 @@ from launch.cli.arguments import add_overrides_argument
 
 EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_BAD_INPUT = 2  # what lpreg train exits with when a setting or a data row is wrong
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -26,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     words = [w for recipe in args.recipes or [] for w in ("-c", recipe)]
     words += ["--seeds", args.seeds, "--out", args.out, *args.overrides]
     command = "lpreg compare " + shlex.join(words)
+    # A plain `kill` stops the comparison the way Ctrl-C does: its runs stop with it.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run_comparison(args.recipes or [], parse_seeds(args.seeds), args.out, list(args.overrides),
                                 parallel=args.parallel, command=command,
@@ -34,17 +42,23 @@ def run(args: argparse.Namespace) -> int:
         print("lpreg: interrupted; the same command continues the comparison, skipping the "
               "runs that finished", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"{len(result.ran)} run(s) done now, {len(result.outcomes) - len(result.ran)} finished "
-          "earlier" + (f", {len(result.missing)} not finished" if result.missing else ""))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    ran_ok = sum(o.exit_code == 0 for o in result.ran)
+    print(f"{ran_ok} run(s) done now, {len(result.outcomes) - len(result.ran)} finished earlier"
+          + (f", {len(result.missing)} not finished" if result.missing else ""))
     print(result.summary_path)
     print(result.report_path)
     for path in result.plots:
         print(path)
     if result.failed:
-        names = "; ".join(f"{o.run.arm} seed {o.run.seed} (exit {o.exit_code}, log {o.log_path})"
-                          for o in result.failed)
-        print(f"lpreg: error: {len(result.failed)} run(s) failed: {names}; run the same command "
-              "again to retry them", file=sys.stderr)
+        for outcome in result.failed:
+            why = ("its settings were refused (exit 2): fix them before running again"
+                   if outcome.exit_code == EXIT_BAD_INPUT else f"exit {outcome.exit_code}")
+            print(f"lpreg: error: {outcome.run.arm} seed {outcome.run.seed} failed, {why}; see "
+                  f"{outcome.log_path}", file=sys.stderr)
+        print(f"lpreg: error: {len(result.failed)} run(s) failed; the same command runs only the "
+              "missing ones again", file=sys.stderr)
         return EXIT_RUN_FAILED
     return 0
 

@@ -14,19 +14,22 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from conf.load import ConfigError, load_config, resolve_recipe, to_yaml
+from conf.load import ConfigError, load_config, resolve_recipe
 from conf.schema import LpregConfig
 from launch.training.checkpoint import checkpoint_root, list_checkpoints
 
 log = logging.getLogger("lpreg.compare")
 
 DONE_FILE = "compare_run.json"
+# Written before a run starts: a later call continues it only with the same settings.
+STARTED_FILE = "compare_started.json"
 # Keys ``lpreg compare`` sets itself for every run; overriding them would break the layout
 # or make the seeds meaningless.
 OWNED_KEYS = ("trainer.seed", "model.tiny.seed", "data.synthetic.seed", "trainer.output_dir",
@@ -48,24 +51,73 @@ class PlannedRun:
         return Path(self.cfg.trainer.output_dir) / self.cfg.trainer.run_name
 
     @property
+    def config_text(self) -> str:
+        """The resolved config minus where it lives, so that a moved ``--out`` still matches."""
+        from omegaconf import OmegaConf
+
+        tree = OmegaConf.to_container(OmegaConf.structured(self.cfg))
+        del tree["trainer"]["output_dir"]
+        return OmegaConf.to_yaml(tree)
+
+    @property
     def config_digest(self) -> str:
-        return hashlib.sha256(to_yaml(self.cfg).encode()).hexdigest()[:16]
+        return hashlib.sha256(self.config_text.encode()).hexdigest()[:16]
 
     def finished(self) -> dict | None:
         """The record this run left when it finished with these very settings, or None.
 
-        A record for other settings is an error, not a reason to run again: it would
-        silently mix two experiments in one report."""
-        path = self.run_dir / DONE_FILE
-        if not path.is_file():
-            return None
-        record = json.loads(path.read_text())
-        if record.get("config_digest") != self.config_digest:
-            raise ConfigError(
-                f"{self.run_dir} holds a finished run of arm '{self.arm}', seed {self.seed}, with "
-                "other settings than this comparison's; choose another --out, or remove that "
-                "directory to run it again")
-        return record
+        A finished (or started) run with other settings is an error, not a reason to run
+        again: it would silently mix two experiments in one report."""
+        self._check_same_settings(STARTED_FILE, "a started run")
+        return self._check_same_settings(DONE_FILE, "a finished run")
+
+    def _check_same_settings(self, name: str, what: str) -> dict | None:
+        record = read_record(self.run_dir / name)
+        if record is None or record.get("config_digest") == self.config_digest:
+            return record
+        differing = _differing_keys(record.get("config", ""), self.config_text)
+        raise ConfigError(
+            f"{self.run_dir} holds {what} of arm '{self.arm}', seed {self.seed}, with other "
+            f"settings than this comparison's ({differing}); choose another --out, or remove "
+            "that directory to run it again")
+
+
+def read_record(path: Path) -> dict | None:
+    """A JSON record, or None when it is missing or was cut short."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Written whole or not at all: a half-written record would read as garbage later."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(scratch, path)
+
+
+def _differing_keys(old_yaml: str, new_yaml: str) -> str:
+    from omegaconf import OmegaConf
+
+    try:
+        old = _flatten(OmegaConf.to_container(OmegaConf.create(old_yaml)))
+    except Exception:  # an older record without its config
+        return "settings not recorded"
+    new = _flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    shown = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys[:5])
+    return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
 
 
 def arm_name(recipe: str) -> str:
@@ -158,15 +210,19 @@ def execute(planned: list[PlannedRun], out_dir: Path, parallel: int = 1,
             while pending and len(running) < parallel:
                 run = pending.pop(0)
                 resume = _prepare_restart(run)
+                write_record(run.run_dir / STARTED_FILE, {"config_digest": run.config_digest,
+                                                          "config": run.config_text})
                 log_path = logs / f"{run.arm}-seed{run.seed}.log"
                 command = train_command(run, resume)
                 log.info("%s seed %d: starting (log: %s)", run.arm, run.seed, log_path)
                 with log_path.open("a") as handle:
                     handle.write(f"$ {' '.join(command)}\n")
                     handle.flush()
-                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
-                                               env=_child_env())
-                running.append((run, process, time.monotonic(), log_path))
+                    started = time.monotonic()
+                    # Its own session: the child and its private Ray stop as one group.
+                    running.append((run, subprocess.Popen(
+                        command, stdout=handle, stderr=subprocess.STDOUT, env=_child_env(),
+                        start_new_session=True), started, log_path))
             time.sleep(1.0)
             for entry in list(running):
                 run, process, started, log_path = entry
@@ -183,14 +239,42 @@ def execute(planned: list[PlannedRun], out_dir: Path, parallel: int = 1,
                     log.error("%s seed %d: lpreg train exited with status %d after %.0f s; see %s",
                               run.arm, run.seed, code, wall_s, log_path)
     finally:
-        for _, process, _, _ in running:  # interrupted: the children go with the comparison
-            process.terminate()
-        for _, process, _, _ in running:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        _stop_children([process for _, process, _, _ in running])
     return outcomes
+
+
+def _stop_children(processes: list[subprocess.Popen], grace_s: float = 60.0) -> None:
+    """Interrupted: each child gets Ctrl-C (it shuts its Ray down), then SIGKILL if it lingers."""
+    for process in processes:
+        _signal_group(process, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass
+        _signal_group(process, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _build_models_once(planned: list[PlannedRun]) -> None:
+    """Bootstrap each tiny model the runs share here, one at a time, so that runs started
+    side by side never build the same model directory together."""
+    from launch.models.resolve import resolve_model_path
+
+    seen = set()
+    for run in planned:
+        key = (run.cfg.model.path, run.cfg.model.cache_dir, repr(run.cfg.model.tiny),
+               repr(run.cfg.data.synthetic))
+        if run.cfg.model.path is None and key not in seen and run.finished() is None:
+            seen.add(key)
+            resolve_model_path(run.cfg)
 
 
 def _child_env() -> dict[str, str]:
@@ -202,8 +286,8 @@ def _child_env() -> dict[str, str]:
 def _mark_finished(run: PlannedRun, wall_s: float, log_path: Path) -> None:
     record = {"arm": run.arm, "seed": run.seed, "recipe": str(run.recipe),
               "overrides": list(run.overrides), "config_digest": run.config_digest,
-              "wall_s": wall_s, "log": str(log_path)}
-    (run.run_dir / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+              "wall_s": wall_s, "log": str(log_path), "config": run.config_text}
+    write_record(run.run_dir / DONE_FILE, record)
 
 
 @dataclass
@@ -236,6 +320,8 @@ def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, ov
         raise ConfigError(f"--parallel must be 1 or more, got {parallel}")
     out_dir = Path(out_dir)
     planned = plan_runs(recipes, seeds, out_dir, overrides)
+    if parallel > 1 and start_runs:
+        _build_models_once(planned)
     outcomes = execute(planned, out_dir, parallel, start_runs)
     by_run = {(o.run.arm, o.run.seed): o for o in outcomes}
     arms: dict[str, dict] = {}

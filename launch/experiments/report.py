@@ -26,15 +26,14 @@ from launch.experiments.summary import (
 from launch.reporting.plot import RunSeries
 from launch.training.step_metrics import LOW_PROB_MASS_KEY, PROB_BUCKET_KEYS
 
-# (file stem, metric, title, log scale)
+# (file stem, metric, title)
 BAND_PLOTS = [
-    ("entropy", ENTROPY_KEY, "policy entropy on its own responses", False),
-    ("accuracy", ACCURACY_KEY, "held-out greedy accuracy", False),
-    ("reward", REWARD_KEY, "training reward (mean)", False),
-    ("low_prob_mass", LOW_PROB_MASS_KEY, "low-probability mass: share of sampled tokens with p < 0.1",
-     False),
-    ("regularized_frac", REGULARIZED_FRAC_KEY, "share of tokens Lp-Reg acted on", False),
-    ("regularized_tokens", REGULARIZED_TOKENS_KEY, "tokens Lp-Reg acted on, per step", False),
+    ("entropy", ENTROPY_KEY, "policy entropy on its own responses"),
+    ("accuracy", ACCURACY_KEY, "held-out greedy accuracy"),
+    ("reward", REWARD_KEY, "training reward (mean)"),
+    ("low_prob_mass", LOW_PROB_MASS_KEY, "low-probability mass: share of sampled tokens with p < 0.1"),
+    ("regularized_frac", REGULARIZED_FRAC_KEY, "share of tokens Lp-Reg acted on"),
+    ("regularized_tokens", REGULARIZED_TOKENS_KEY, "tokens Lp-Reg acted on, per step"),
 ]
 BUCKETS_STEM = "sampled_prob"
 
@@ -82,7 +81,7 @@ def plot_bands(runs_by_arm: dict[str, list[RunSeries]], out_dir: Path, total_ste
     out_dir.mkdir(parents=True, exist_ok=True)
     window = max(1, round(0.02 * total_steps))
     written = []
-    for stem, key, title, log_scale in BAND_PLOTS:
+    for stem, key, title in BAND_PLOTS:
         smoothing = 1 if key == ACCURACY_KEY else window
         bands = {arm: band(runs, key, smoothing) for arm, runs in runs_by_arm.items()}
         bands = {arm: b for arm, b in bands.items() if b is not None}
@@ -91,13 +90,11 @@ def plot_bands(runs_by_arm: dict[str, list[RunSeries]], out_dir: Path, total_ste
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
         for arm, curve in bands.items():
             style = "o-" if len(curve.steps) < 30 else "-"
-            (line,) = ax.plot(curve.steps, curve.mean, style, markersize=3, label=arm)
+            (line,) = ax.plot(curve.steps, curve.mean, style, markersize=3,
+                              label=f"{arm} ({len(runs_by_arm[arm])} seeds)")
             ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2,
                             linewidth=0)
-        if log_scale:
-            ax.set_yscale("log")
-        seeds = max(len(r) for r in runs_by_arm.values())
-        ax.set_title(f"{title}\nmean over {seeds} seed(s), band: min-max", fontsize=9)
+        ax.set_title(f"{title}\nline: mean over seeds, band: min-max", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -125,7 +122,8 @@ def _plot_buckets(plt, runs_by_arm: dict[str, list[RunSeries]], out_dir: Path, w
             (line,) = ax.plot(curve.steps, curve.mean, "-", label=arm)
             ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2,
                             linewidth=0)
-        ax.set_yscale("log")
+        # Linear near 0, so that a step without a single token in the bucket still shows.
+        ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_title(key.removeprefix("sampled_prob/").replace("_", " ").replace("to", "-"), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

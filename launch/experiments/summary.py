@@ -33,9 +33,11 @@ DEFINITIONS = {
     "final_reward": "mean training reward over the last 5% of steps",
     "low_prob_mass": "share of sampled tokens with probability < 0.1, mean over all steps",
     "final_low_prob_mass": "share of sampled tokens with probability < 0.1, last 5% of steps",
-    "regularized_frac": "share of response tokens Lp-Reg acted on, mean over all steps",
-    "regularized_tokens": "response tokens Lp-Reg acted on, summed over the run",
-    "wall_s": "wall time of the run, start-up included (s)",
+    "regularized_frac": "share of response tokens Lp-Reg acted on (each micro-batch's share, "
+                        "averaged over micro-batches and steps)",
+    "regularized_tokens": "response tokens Lp-Reg acted on, summed over the run (a token "
+                          "trained on in several epochs counts once per epoch)",
+    "wall_s": "wall time of the lpreg train that finished the run, start-up included (s)",
 }
 
 

@@ -195,3 +195,92 @@ def test_report_only_summarises_the_finished_runs_and_names_the_rest(tmp_path, c
     assert summary["arms"]["lp_reg_on_policy"]["mean_std"]["final_accuracy"]["n"] == 1
     assert "**Not finished:** lp_reg_on_policy seed 1" in (out / "report.md").read_text()
     assert not (out / "runs" / "lp_reg_on_policy" / "seed1").exists()
+
+
+FAKE_TRAIN = """
+import json, pathlib, sys
+run_dir, code = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+run_dir.mkdir(parents=True, exist_ok=True)
+with (run_dir / "metrics.jsonl").open("a") as handle:
+    for step in (1, 2):
+        handle.write(json.dumps({"step": step, "actor/entropy": 0.3, "reward/mean": 0.5}) + "\\n")
+(run_dir / "argv.json").write_text(json.dumps(sys.argv[3:]))
+sys.exit(code)
+"""
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    """``lpreg train`` replaced by a script that writes two steps and exits with the code
+    chosen per arm, so that the bookkeeping around the runs is tested without a stack."""
+    import sys
+
+    from launch.experiments import compare
+
+    codes = {}
+
+    def command(run, resume):
+        argv = [sys.executable, "-c", FAKE_TRAIN, str(run.run_dir), str(codes.get(run.arm, 0))]
+        return argv + (["trainer.resume=auto"] if resume else [])
+
+    monkeypatch.setattr(compare, "train_command", command)
+    return codes
+
+
+def test_a_failed_run_is_named_the_others_finish_and_a_second_call_retries_only_it(
+        tmp_path, capsys, fake_train):
+    argv = ["compare", "-c", "grpo_on_policy", "-c", "lp_reg_on_policy", "--seeds", "0",
+            "--out", str(tmp_path), "trainer.total_steps=2"]
+    fake_train["lp_reg_on_policy"] = 3
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "1 run(s) done now, 0 finished earlier, 1 not finished" in captured.out
+    assert "lp_reg_on_policy seed 0 failed, exit 3" in captured.err
+    assert (tmp_path / "runs" / "grpo_on_policy" / "seed0" / DONE_FILE).is_file()
+    assert not (tmp_path / "runs" / "lp_reg_on_policy" / "seed0" / DONE_FILE).exists()
+    fake_train["lp_reg_on_policy"] = 0
+    assert main(argv) == 0
+    assert "1 run(s) done now, 1 finished earlier" in capsys.readouterr().out
+    # Started over without checkpoints: metrics.jsonl holds the new run's steps only.
+    lines = (tmp_path / "runs" / "lp_reg_on_policy" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+
+
+def test_a_child_refusing_its_settings_is_told_apart(tmp_path, capsys, fake_train):
+    fake_train["grpo_on_policy"] = 2
+    assert main(["compare", "-c", "grpo_on_policy", "--seeds", "0", "--out", str(tmp_path)]) == 1
+    assert "its settings were refused (exit 2)" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_with_a_checkpoint_resumes(tmp_path, monkeypatch, fake_train):
+    from launch.experiments import compare
+
+    run = plan_runs(["grpo_on_policy"], [0], tmp_path, ["trainer.total_steps=2"])[0]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    monkeypatch.setattr(compare, "list_checkpoints", lambda root, warn: [(1, root / "step_1")])
+    outcomes = compare.execute([run], tmp_path)
+    assert [o.exit_code for o in outcomes] == [0]
+    assert json.loads((run.run_dir / "argv.json").read_text()) == ["trainer.resume=auto"]
+    assert len((run.run_dir / "metrics.jsonl").read_text().splitlines()) == 3  # continued, not wiped
+
+
+def test_a_started_run_with_other_settings_is_refused_naming_the_key(tmp_path, fake_train):
+    from launch.experiments import compare
+
+    run = plan_runs(["grpo_on_policy"], [0], tmp_path, ["trainer.total_steps=2"])[0]
+    compare.write_record(run.run_dir / compare.STARTED_FILE,
+                         {"config_digest": run.config_digest, "config": run.config_text})
+    assert run.finished() is None  # same settings: started, not finished, may go on
+    changed = plan_runs(["grpo_on_policy"], [0], tmp_path, ["trainer.total_steps=3"])[0]
+    with pytest.raises(ConfigError, match=r"trainer.total_steps: 2 -> 3"):
+        changed.finished()
+    moved = plan_runs(["grpo_on_policy"], [0], tmp_path / "elsewhere", ["trainer.total_steps=2"])[0]
+    assert moved.config_digest == run.config_digest  # where --out lives is not a setting
+
+
+def test_a_record_cut_short_counts_as_not_finished(tmp_path):
+    run = plan_runs(["grpo_on_policy"], [0], tmp_path, [])[0]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / DONE_FILE).write_text('{"config_digest": "ab')
+    assert run.finished() is None

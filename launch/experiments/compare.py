@@ -222,7 +222,7 @@ def execute(planned: list[PlannedRun], out_dir: Path, parallel: int = 1,
                     # Its own session: the child and its private Ray stop as one group.
                     running.append((run, subprocess.Popen(
                         command, stdout=handle, stderr=subprocess.STDOUT, env=_child_env(),
-                        start_new_session=True), started, log_path))
+                        start_new_session=True, preexec_fn=_listen_to_ctrl_c), started, log_path))
             time.sleep(1.0)
             for entry in list(running):
                 run, process, started, log_path = entry
@@ -243,24 +243,49 @@ def execute(planned: list[PlannedRun], out_dir: Path, parallel: int = 1,
     return outcomes
 
 
+def _listen_to_ctrl_c() -> None:
+    """In the child, before it runs: a shell starts background jobs with Ctrl-C ignored, and
+    the child would inherit that and shrug off the SIGINT that asks it to stop cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _stop_children(processes: list[subprocess.Popen], grace_s: float = 60.0) -> None:
-    """Interrupted: each child gets Ctrl-C (it shuts its Ray down), then SIGKILL if it lingers."""
+    """Interrupted: each child gets Ctrl-C (it shuts its Ray down); whatever is left of its
+    session after ``grace_s`` is killed."""
     for process in processes:
-        _signal_group(process, signal.SIGINT)
+        _signal_group(process.pid, signal.SIGINT)
     deadline = time.monotonic() + grace_s
     for process in processes:
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             pass
-        _signal_group(process, signal.SIGKILL)
+        # Ray's workers put themselves in process groups of their own, inside the session.
+        _signal_group(process.pid, signal.SIGKILL)
+        for pid in _session_members(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
+def _signal_group(pgid: int, sig: int) -> None:
     try:
-        os.killpg(process.pid, sig)
+        os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    members.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return members
 
 
 def _build_models_once(planned: list[PlannedRun]) -> None:

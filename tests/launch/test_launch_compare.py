@@ -284,3 +284,41 @@ def test_a_record_cut_short_counts_as_not_finished(tmp_path):
     run.run_dir.mkdir(parents=True)
     (run.run_dir / DONE_FILE).write_text('{"config_digest": "ab')
     assert run.finished() is None
+
+
+def test_stopping_a_run_reaches_processes_in_other_groups_of_its_session(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from launch.experiments.compare import _listen_to_ctrl_c, _stop_children
+
+    # The child starts a grandchild in a process group of its own (as Ray's workers do)
+    # and then waits; Ctrl-C ends the child, and the grandchild only goes with the sweep.
+    script = ("import subprocess, sys, time\n"
+              "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'],\n"
+              "                     process_group=0)\n"
+              f"open({str(tmp_path / 'grandchild')!r}, 'w').write(str(g.pid))\n"
+              "time.sleep(300)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                             preexec_fn=_listen_to_ctrl_c)
+    marker = tmp_path / "grandchild"
+    deadline = time.monotonic() + 30
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int(marker.read_text())
+    _stop_children([child], grace_s=10)
+    assert child.poll() is not None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{grandchild}/stat") as stat:  # a zombie waits for init to reap it
+            if stat.read().split()[2] == "Z":
+                break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the grandchild survived")

@@ -52,7 +52,9 @@ def test_both_arms_ran_and_left_no_process(finished):
         assert (out / "runs" / arm / "seed0" / "compare_run.json").is_file()
     lp_reg_run = out / "runs" / "laptop_lp_reg" / "seed0"
     lp_reg = [json.loads(line) for line in (lp_reg_run / "metrics.jsonl").open()]
-    assert all(r["lp_reg/regularized_tokens"] >= 0 for r in lp_reg)
+    # A random model's answers are full of unfiltered low-probability tokens: rho 5% acts.
+    counts = [r["lp_reg/regularized_tokens"] for r in lp_reg]
+    assert all(c == int(c) for c in counts) and sum(counts) > 0
 
 
 def test_summary_report_and_plots(finished):

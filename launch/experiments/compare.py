@@ -101,10 +101,9 @@ def write_record(path: Path, record: dict) -> None:
 def _differing_keys(old_yaml: str, new_yaml: str) -> str:
     from omegaconf import OmegaConf
 
-    try:
-        old = _flatten(OmegaConf.to_container(OmegaConf.create(old_yaml)))
-    except Exception:  # an older record without its config
-        return "settings not recorded"
+    if not old_yaml:
+        return "its settings are not recorded"
+    old = _flatten(OmegaConf.to_container(OmegaConf.create(old_yaml)))
     new = _flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     shown = ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys[:5])

@@ -261,7 +261,7 @@ def _stop_children(processes: list[subprocess.Popen], grace_s: float = 60.0) -> 
             pass
         # Ray's workers put themselves in process groups of their own, inside the session.
         _signal_group(process.pid, signal.SIGKILL)
-        for pid in _session_members(process.pid):
+        for pid in session_members(process.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -275,7 +275,8 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _session_members(sid: int) -> list[int]:
+def session_members(sid: int) -> list[int]:
+    """Every live process of session ``sid`` (Linux: read from /proc; elsewhere none)."""
     members = []
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if entry.isdigit():

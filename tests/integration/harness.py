@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from launch.experiments.compare import session_members
 from launch.reporting.metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -48,15 +49,7 @@ def actor(run_dir: Path, kind: str, name: str) -> dict:
 
 
 def session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
+    return session_members(sid)
 
 
 def kill_session(proc: subprocess.Popen) -> None:

@@ -29,7 +29,12 @@ from launch.reporting.metrics import MetricsWriter
 from launch.reporting.progress import Progress
 from launch.training import checkpoint
 from launch.training.evaluation import EvalResult, evaluate, load_eval_results
-from launch.training.step_metrics import average_learner_metrics, prompt_ids_hash, summarize_rollout
+from launch.training.step_metrics import (
+    average_learner_metrics,
+    probability_buckets,
+    prompt_ids_hash,
+    summarize_rollout,
+)
 
 log = logging.getLogger("lpreg")
 
@@ -302,6 +307,7 @@ class Trainer:
         step_s = step_end - self._step_end
         self._step_end = step_end
         metrics = summarize_rollout(batch.samples, batch.rewards, cfg.rollout.max_response_tokens)
+        metrics.update(probability_buckets(train_batch.rollout_log_probs))
         metrics["data/prompt_ids_hash"] = prompt_ids_hash(batch.records)
         metrics.update(batch.metrics)
         metrics.update(average_learner_metrics(learner_results))

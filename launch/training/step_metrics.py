@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import bisect
 import hashlib
-import math
 import statistics
+
+import torch
 
 from launch.data.prompts import PromptRecord
 from learner.losses import COUNT_METRICS
@@ -20,12 +20,17 @@ PROB_BUCKET_KEYS = ("sampled_prob/below_0.01", "sampled_prob/0.01_to_0.1", "samp
 LOW_PROB_MASS_KEY = "sampled_prob/below_0.1"
 
 
-def probability_buckets(logprobs: list[float]) -> dict[str, float]:
-    """Share of sampled tokens in each probability bucket, as the generating policy saw them."""
-    counts = [0] * len(PROB_BUCKET_KEYS)
-    for logprob in logprobs:
-        counts[bisect.bisect_right(PROB_BUCKET_EDGES, math.exp(logprob))] += 1
-    total = max(1, len(logprobs))
+def probability_buckets(logprobs: torch.Tensor) -> dict[str, float]:
+    """Share of sampled tokens in each probability bucket, as the generating policy saw them.
+
+    ``logprobs``: the step's sampled-token log-probs, flat (``RaggedBatch.rollout_log_probs``);
+    one vectorised pass, since a long-response step holds millions of tokens."""
+    probs = logprobs.detach().to(torch.float64).exp()
+    edges = torch.tensor(PROB_BUCKET_EDGES, dtype=torch.float64)
+    # right=True: a probability equal to an edge goes to the bucket above, as "0.1_to_0.5" says.
+    index = torch.bucketize(probs, edges, right=True)
+    counts = torch.bincount(index, minlength=len(PROB_BUCKET_KEYS)).tolist()
+    total = max(1, probs.numel())
     shares = {key: count / total for key, count in zip(PROB_BUCKET_KEYS, counts, strict=True)}
     shares[LOW_PROB_MASS_KEY] = (counts[0] + counts[1]) / total
     return shares
@@ -43,7 +48,6 @@ def summarize_rollout(samples, rewards: list[float], max_tokens: int) -> dict[st
         "response_length/clip_ratio": sum(s.finish_reason == "length" for s in samples)
         / len(samples),
         "rollout/num_samples": len(samples),
-        **probability_buckets([lp for s in samples for lp in s.response_logprobs]),
     }
 
 

@@ -87,9 +87,12 @@ def test_band_is_taken_on_common_steps_after_smoothing(tmp_path):
 
 
 def test_probability_buckets_split_tokens_by_the_probability_they_were_sampled_with():
-    probs = [0.005, 0.05, 0.3, 0.3, 0.7, 0.95, 0.99, 1.0]
-    shares = probability_buckets([math.log(p) for p in probs])
+    import torch
+
+    probs = [0.005, 0.05, 0.1, 0.3, 0.7, 0.95, 0.99, 1.0]  # 0.1 is an edge: the bucket above
+    shares = probability_buckets(torch.tensor([math.log(p) for p in probs], dtype=torch.float64))
     assert [shares[k] for k in PROB_BUCKET_KEYS] == [1 / 8, 1 / 8, 2 / 8, 1 / 8, 3 / 8]
+    assert probability_buckets(torch.zeros(0))[LOW_PROB_MASS_KEY] == 0.0
     assert shares[LOW_PROB_MASS_KEY] == 2 / 8
     assert sum(shares[k] for k in PROB_BUCKET_KEYS) == pytest.approx(1.0)
 

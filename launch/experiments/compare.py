@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from conf.load import ConfigError, load_config, resolve_recipe
@@ -50,7 +51,7 @@ class PlannedRun:
     def run_dir(self) -> Path:
         return Path(self.cfg.trainer.output_dir) / self.cfg.trainer.run_name
 
-    @property
+    @cached_property
     def config_text(self) -> str:
         """The resolved config minus where it lives, so that a moved ``--out`` still matches."""
         from omegaconf import OmegaConf
@@ -59,7 +60,7 @@ class PlannedRun:
         del tree["trainer"]["output_dir"]
         return OmegaConf.to_yaml(tree)
 
-    @property
+    @cached_property
     def config_digest(self) -> str:
         return hashlib.sha256(self.config_text.encode()).hexdigest()[:16]
 
@@ -293,12 +294,11 @@ def _build_models_once(planned: list[PlannedRun]) -> None:
     side by side never build the same model directory together."""
     from launch.models.resolve import resolve_model_path
 
-    seen = set()
+    built = set()
     for run in planned:
-        key = (run.cfg.model.path, run.cfg.model.cache_dir, repr(run.cfg.model.tiny),
-               repr(run.cfg.data.synthetic))
-        if run.cfg.model.path is None and key not in seen and run.finished() is None:
-            seen.add(key)
+        model = (run.cfg.model.cache_dir, repr(run.cfg.model.tiny), repr(run.cfg.data.synthetic))
+        if run.cfg.model.path is None and model not in built and run.finished() is None:
+            built.add(model)
             resolve_model_path(run.cfg)
 
 

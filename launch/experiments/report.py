@@ -20,6 +20,7 @@ from launch.experiments.summary import (
     REGULARIZED_FRAC_KEY,
     REGULARIZED_TOKENS_KEY,
     REWARD_KEY,
+    Band,
     aggregate,
     band,
 )
@@ -82,59 +83,58 @@ def plot_bands(runs_by_arm: dict[str, list[RunSeries]], out_dir: Path, total_ste
     window = max(1, round(0.02 * total_steps))
     written = []
     for stem, key, title in BAND_PLOTS:
-        smoothing = 1 if key == ACCURACY_KEY else window
-        bands = {arm: band(runs, key, smoothing) for arm, runs in runs_by_arm.items()}
-        bands = {arm: b for arm, b in bands.items() if b is not None}
+        bands = _bands(runs_by_arm, key, 1 if key == ACCURACY_KEY else window)
         if not bands:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 3.8))
         for arm, curve in bands.items():
-            style = "o-" if len(curve.steps) < 30 else "-"
-            (line,) = ax.plot(curve.steps, curve.mean, style, markersize=3,
-                              label=f"{arm} ({len(runs_by_arm[arm])} seeds)")
-            ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2,
-                            linewidth=0)
+            _draw_band(ax, curve, f"{arm} ({len(runs_by_arm[arm])} seeds)",
+                       "o-" if len(curve.steps) < 30 else "-")
         ax.set_title(f"{title}\nline: mean over seeds, band: min-max", fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{stem}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir / f"{stem}.png"))
     buckets = _plot_buckets(plt, runs_by_arm, out_dir, window)
     return written + ([buckets] if buckets else [])
+
+
+def _bands(runs_by_arm: dict[str, list[RunSeries]], key: str, window: int) -> dict[str, Band]:
+    """Each arm's band of ``key``; arms without the metric are left out."""
+    bands = {arm: band(runs, key, window) for arm, runs in runs_by_arm.items()}
+    return {arm: curve for arm, curve in bands.items() if curve is not None}
+
+
+def _draw_band(ax, curve: Band, label: str, style: str = "-") -> None:
+    (line,) = ax.plot(curve.steps, curve.mean, style, markersize=3, label=label)
+    ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _plot_buckets(plt, runs_by_arm: dict[str, list[RunSeries]], out_dir: Path, window: int) -> Path | None:
     """The sampled-token probability distribution over training: one panel per bucket, log
     scale, so that the thin low-probability tail is as readable as the bulk."""
-    present = [k for k in PROB_BUCKET_KEYS if any(band(r, k, window) for r in runs_by_arm.values())]
-    if not present:
+    panels = {key: _bands(runs_by_arm, key, window) for key in PROB_BUCKET_KEYS}
+    panels = {key: bands for key, bands in panels.items() if bands}
+    if not panels:
         return None
-    fig, axes = plt.subplots(1, len(present), figsize=(3.4 * len(present), 3.4), squeeze=False)
-    for ax, key in zip(axes.flat, present, strict=True):
-        for arm, runs in runs_by_arm.items():
-            curve = band(runs, key, window)
-            if curve is None:
-                continue
-            (line,) = ax.plot(curve.steps, curve.mean, "-", label=arm)
-            ax.fill_between(curve.steps, curve.low, curve.high, color=line.get_color(), alpha=0.2,
-                            linewidth=0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.4), squeeze=False)
+    for ax, (key, bands) in zip(axes.flat, panels.items(), strict=True):
+        for arm, curve in bands.items():
+            _draw_band(ax, curve, arm)
         # Linear near 0, so that a step without a single token in the bucket still shows.
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_title(key.removeprefix("sampled_prob/").replace("_", " ").replace("to", "-"), fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
     axes.flat[0].set_ylabel("share of sampled tokens")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("probability of the sampled tokens (p), by bucket", fontsize=10)
-    fig.tight_layout()
-    path = out_dir / f"{BUCKETS_STEM}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out_dir / f"{BUCKETS_STEM}.png")
 
 
 def _cell(spread: dict | None, scale: float, decimals: int, with_std: bool = True) -> str:

@@ -345,7 +345,9 @@ def test_reference_kl_is_zero_at_first_and_positive_once_the_policy_moved():
         return {}
 
     _, _, first = run(model, batch, algo, reference=reference, step=step)
-    assert first["actor/kl_loss"] == 0.0
+    # The policy and its frozen copy run different code paths (train and eval modes, with
+    # and without grad), so "equal" is up to float64 rounding, not bit for bit.
+    assert abs(first["actor/kl_loss"]) < 1e-12
     _, _, second = run(model, batch, algo, reference=reference, step=step)
     assert second["actor/kl_loss"] > 1e-6
     assert all(p.grad is None for p in reference.parameters())

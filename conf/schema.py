@@ -20,7 +20,9 @@ ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 STALE_POLICIES = ("auto", "learner", "behaviour")
 SYNTHETIC_KINDS = ("sum", "linear", "fraction")
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
-WEIGHT_SYNC_TRANSPORTS = ("auto", "object_store", "nccl")
+WEIGHT_SYNC_TRANSPORTS = ("auto", "object_store", "broadcast", "nccl")
+# Older names a key still accepts, and what they mean now.
+WEIGHT_SYNC_ALIASES = {"nccl": "broadcast"}
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DTYPES = ("float32", "bfloat16", "float16")
 DIST_BACKENDS = ("auto", "gloo", "nccl")
@@ -172,9 +174,15 @@ class RolloutConfig:
     # generating policy's distribution (algorithm.stale_policy=behaviour with lp_reg);
     # unused otherwise. The min-p proxy is exact where they include every token it keeps.
     top_logprobs: int = within(20, ge=0)
-    # "object_store" (CPU: Ray object store, then in-place reload), "nccl" (GPU: vLLM's
-    # NCCL weight transfer), or "auto": nccl when the rollout workers have GPUs.
+    # How weights reach the engines. "object_store": learner rank 0 puts them in Ray's
+    # object store and every worker reloads in place. "broadcast": learner rank 0 sends
+    # them straight into every engine through vLLM's weight-transfer API, one broadcast
+    # per push (NCCL on GPUs, gloo on CPUs; "nccl" is its old name). "auto": broadcast
+    # when the rollout workers have GPUs of their own, the object store otherwise.
     weight_sync: str = one_of("auto", WEIGHT_SYNC_TRANSPORTS)
+    # Bytes per broadcast bucket, in MiB: the sender packs tensors into buckets of about
+    # this size, so neither side ever holds more than a bucket beyond the model.
+    broadcast_bucket_mb: int = within(256, ge=1)
     # After every sync, read back a checksum of every engine's weights and log it.
     verify_weight_sync: bool = False
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from conf.errors import ConfigError
-from conf.schema import METRICS_LOGGERS, LpregConfig, Range
+from conf.schema import METRICS_LOGGERS, WEIGHT_SYNC_ALIASES, LpregConfig, Range, RolloutConfig
 
 # Advantages that compare the samples of one prompt with each other.
 GROUP_ADVANTAGES = ("grpo", "drgrpo", "rloo")
@@ -119,6 +119,8 @@ def _check_combinations(cfg: LpregConfig) -> None:
     if not cfg.trainer.output_dir:
         raise ConfigError("config key 'trainer.output_dir' is empty")
     _check_loggers_and_overlong_buffer(cfg)
+    _check_gpu_requests(cfg)
+    _check_colocation(cfg)
     if needs_top_logprobs(cfg) and cfg.rollout.top_logprobs < 1:
         raise ConfigError("config key 'rollout.top_logprobs' is 0, but algorithm.stale_policy "
                           f"({cfg.algorithm.stale_policy}) takes Lp-Reg's min-p proxy from the "
@@ -139,14 +141,79 @@ def needs_top_logprobs(cfg: LpregConfig) -> bool:
     return effective_stale_policy(cfg) == "behaviour" and cfg.algorithm.loss == "lp_reg"
 
 
+def effective_weight_sync(cfg: LpregConfig) -> str:
+    """``rollout.weight_sync`` with ``auto`` and old names resolved.
+
+    ``auto`` broadcasts when the rollout workers have GPUs, unless they share them with
+    the learners (``ray.colocate``): NCCL refuses two ranks of one group on one device,
+    and there the object store works."""
+    transport = WEIGHT_SYNC_ALIASES.get(cfg.rollout.weight_sync, cfg.rollout.weight_sync)
+    if transport != "auto":
+        return transport
+    gpus = cfg.rollout.gpus_per_worker > 0
+    return "broadcast" if gpus and not shares_gpus(cfg) else "object_store"
+
+
+def broadcast_wire(rollout: RolloutConfig) -> str:
+    """The engines' weight-transfer backend under the broadcast transport: vLLM's NCCL
+    engine when they have GPUs, lpreg's gloo engine on CPUs."""
+    return "nccl" if rollout.gpus_per_worker > 0 else "gloo"
+
+
+def shares_gpus(cfg: LpregConfig) -> bool:
+    """Whether learner rank i and rollout worker i sit on one GPU: colocated, and their
+    shares add up to one GPU at most (0.5 + 0.5). Ray gives a pair whose shares add up to
+    more (0.5 + 1) different GPUs of their bundle."""
+    learner, rollout = cfg.learner.gpus_per_worker, _rollout_gpus(cfg)
+    return cfg.ray.colocate and learner > 0 and rollout > 0 and learner + rollout <= 1
+
+
+def _rollout_gpus(cfg: LpregConfig) -> float:
+    """GPUs one rollout worker asks Ray for: rollout.gpus_per_worker per tensor-parallel rank."""
+    return cfg.rollout.gpus_per_worker * cfg.rollout.tensor_parallel_size
+
+
+def _check_gpu_requests(cfg: LpregConfig) -> None:
+    """GPU shares Ray can place: a fraction of one GPU, or whole GPUs."""
+    rollout = cfg.rollout
+    if rollout.tensor_parallel_size > 1 and 0 < rollout.gpus_per_worker < 1:
+        raise ConfigError(
+            f"config key 'rollout.gpus_per_worker' is {rollout.gpus_per_worker:g} with "
+            f"rollout.tensor_parallel_size={rollout.tensor_parallel_size}: each tensor-parallel "
+            "rank needs a whole GPU of its own")
+    for key, gpus in (("learner.gpus_per_worker", cfg.learner.gpus_per_worker),
+                      ("rollout.gpus_per_worker", _rollout_gpus(cfg))):
+        if gpus > 1 and gpus != int(gpus):
+            raise ConfigError(f"config key '{key}' asks for {gpus:g} GPUs per actor; Ray places "
+                              "a fraction of one GPU or whole GPUs, not both")
+
+
+def _check_colocation(cfg: LpregConfig) -> None:
+    learner, rollout = cfg.learner.gpus_per_worker, _rollout_gpus(cfg)
+    if cfg.ray.colocate and 0 < learner < 1 and 0 < rollout < 1 and learner + rollout > 1:
+        raise ConfigError(
+            f"config key 'ray.colocate': learner.gpus_per_worker={learner:g} and a rollout "
+            f"worker's {rollout:g} GPU add up to more than one GPU, and both are fractions, so "
+            "the pair fits neither on one GPU nor on separate ones; make the shares add up to "
+            "at most 1 (e.g. 0.5 each), or give one of them whole GPUs")
+    if shares_gpus(cfg) and effective_weight_sync(cfg) == "broadcast":
+        raise ConfigError(
+            f"config keys 'ray.colocate' and 'rollout.weight_sync': with ray.colocate=true, "
+            f"learner.gpus_per_worker={cfg.learner.gpus_per_worker:g} and "
+            f"rollout.gpus_per_worker={cfg.rollout.gpus_per_worker:g}, learner rank 0 and "
+            "rollout worker 0 share one GPU, where NCCL cannot put two ranks of the weight "
+            f"broadcast; set rollout.weight_sync=object_store (or auto), or give each a whole GPU")
+
+
 def resolve_auto(cfg: LpregConfig) -> LpregConfig:
     """A copy with the automatic choices made, as the actors need them: the stale policy,
-    and top-K log-probs asked of vLLM only when they are used."""
+    the weight transport, and top-K log-probs asked of vLLM only when they are used."""
     return dataclasses.replace(
         cfg,
         algorithm=dataclasses.replace(cfg.algorithm, stale_policy=effective_stale_policy(cfg)),
         rollout=dataclasses.replace(
-            cfg.rollout, top_logprobs=cfg.rollout.top_logprobs if needs_top_logprobs(cfg) else 0))
+            cfg.rollout, weight_sync=effective_weight_sync(cfg),
+            top_logprobs=cfg.rollout.top_logprobs if needs_top_logprobs(cfg) else 0))
 
 
 def _check_loggers_and_overlong_buffer(cfg: LpregConfig) -> None:

@@ -6,7 +6,6 @@ owns the process group, the model, the optimizer and the weight export.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -77,7 +76,7 @@ class Learner:
         self.reference = None  # the frozen initial model, when algo.kl_loss_coef > 0
         self.reference_engine = None  # its DeepSpeed engine under ZeRO-3
         self._export_stats = (0, 0)
-        self._nccl_engines: list = []
+        self._broadcast = None  # this rank's end of the weight broadcast, once opened
 
     def rendezvous_address(self) -> tuple[str, int]:
         import ray
@@ -306,37 +305,43 @@ class Learner:
                 torch.cuda.set_rng_state(rng["cuda"])
         return self.rank
 
-    # -- GPU weight transfer (vLLM NCCL engine) ----------------------------------------
-    def init_nccl_weight_transfer(self, rollout_handles: list, tensor_parallel_size: int) -> int:
-        """Open one NCCL group per rollout worker: this rank is 0, the engine's TP ranks follow."""
+    # -- the broadcast transport ---------------------------------------------------------
+    def open_weight_transfer(self, wire: str, rollout_handles: list, engine_world_sizes: list[int],
+                             bucket_bytes: int, timeout_s: float) -> int:
+        """Join a new broadcast group over these rollout workers' engines (closing any
+        earlier one). Every rank calls it; rank 0 opens the group and sends, the others
+        only take part in the ZeRO-3 gathers of each push."""
         import ray
-        from vllm.distributed.weight_transfer.base import ModuleSource
-        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
-        from vllm.distributed.weight_transfer.nccl_engine import (
-            NCCLTrainerInitInfo,
-            NCCLTrainerWeightTransferEngine,
-        )
 
-        address = ray.util.get_node_ip_address()
-        for handle in rollout_handles:
-            info = NCCLTrainerInitInfo(master_address=address, master_port=free_port(),
-                                       world_size=1 + tensor_parallel_size)
-            self._nccl_engines.append(NCCLTrainerWeightTransferEngine.trainer_init(
-                info, client=RayVLLMWeightSyncClient(handle),
-                source=ModuleSource(self.engine.module)))
-        return len(self._nccl_engines)
+        from learner.weight_broadcast import LayerwiseParameters
+        from learner.weight_transfer import open_broadcast
 
-    def send_weights_nccl(self) -> int:
-        import deepspeed
+        self.close_weight_transfer()
+        self._broadcast = open_broadcast(
+            wire, rank=self.rank, address=ray.util.get_node_ip_address(), port=free_port(),
+            handles=rollout_handles, engine_world_sizes=engine_world_sizes,
+            bucket_bytes=bucket_bytes, timeout_s=timeout_s,
+            source=LayerwiseParameters(self.engine.module, zero3=self.cfg.zero_stage == 3))
+        return len(rollout_handles)
 
-        params = [p for p in self.engine.module.parameters()]
-        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-                  if self.cfg.zero_stage == 3 else contextlib.nullcontext())
-        with gather:
-            for transfer in self._nccl_engines:
-                transfer.send_weights()
-        self._export_stats = (len(params), sum(p.numel() * p.element_size() for p in params))
-        return len(self._nccl_engines)
+    def broadcast_weights(self) -> tuple[int, int]:
+        """One push into every engine of the group; the tensors and bytes sent."""
+        if self._broadcast is None:
+            raise RuntimeError(f"learner-{self.rank}: no broadcast group is open")
+        try:
+            self._broadcast.send_weights()
+        except BaseException:
+            # The group is unusable after a failed broadcast; closing it also releases
+            # the engines still waiting inside theirs.
+            self.close_weight_transfer()
+            raise
+        self._export_stats = self._broadcast.sent
+        return self._broadcast.sent
+
+    def close_weight_transfer(self) -> None:
+        if self._broadcast is not None:
+            self._broadcast.shutdown()
+            self._broadcast = None
 
 
 def _dtype_kwarg(dtype) -> dict:

@@ -49,6 +49,7 @@ class SampleProgress:
     top_logprobs: list[list[float]] = field(default_factory=list)
     segment_top_ids: list[list[int]] = field(default_factory=list)
     segment_top_logprobs: list[list[float]] = field(default_factory=list)
+    segment_text: list[str] = field(default_factory=list)  # the engine's text, piece by piece
     text: str = ""
     finish_reason: str | None = None
 
@@ -64,6 +65,7 @@ class SampleProgress:
         self.top_logprobs += self.segment_top_logprobs
         self.segment_tokens, self.segment_logprobs = [], []
         self.segment_top_ids, self.segment_top_logprobs = [], []
+        self.segment_text = []
 
 
 @dataclass
@@ -108,26 +110,37 @@ class SampleBook:
             seed=sample.seed + SEGMENT_SEED_STRIDE * sample.segment,
             temperature=sampling.temperature, top_p=sampling.top_p)
 
-    def on_output(self, request_id: str, token_ids: list[int], logprobs: list[float],
-                  finish_reason: str | None, text: str | None,
-                  top: tuple[list[list[int]], list[list[float]]] = ([], [])) -> GroupResult | None:
-        """Record a cumulative output of a running segment; returns the group if it is done.
+    def on_output(self, request_id: str, new_token_ids: list[int], new_logprobs: list[float],
+                  finish_reason: str | None, new_text: str | None,
+                  new_top: tuple[list[list[int]], list[list[float]]] = ([], [])) -> GroupResult | None:
+        """Record what a running segment generated since its last output (vLLM's DELTA
+        outputs); returns the group if it is done.
 
-        ``top``: the most likely tokens and their log-probs at each position, when asked for.
+        Appending only the increment keeps the cost of an engine step proportional to the
+        tokens it produced, not to the length of the answers so far.
+        ``new_top``: the most likely tokens and their log-probs at each new position, when
+        asked for. ``new_text`` is None when the engine does not detokenize.
         """
         sample = self.running.get(request_id)
         if sample is None:  # an aborted request's last words
             return None
-        sample.segment_tokens, sample.segment_logprobs = list(token_ids), list(logprobs)
-        sample.segment_top_ids, sample.segment_top_logprobs = top
+        sample.segment_tokens += new_token_ids
+        sample.segment_logprobs += new_logprobs
+        new_top_ids, new_top_logprobs = new_top
+        sample.segment_top_ids += new_top_ids
+        sample.segment_top_logprobs += new_top_logprobs
+        if new_text:
+            sample.segment_text.append(new_text)
         if finish_reason is None:
             return None
         del self.running[request_id]
-        sample.close_segment()
-        sample.finish_reason = finish_reason
         # The engine's text covers only this segment, and there is none when it did not
         # detokenize: spell the whole response out then.
-        sample.text = text if sample.segment == 0 and text is not None else self.decode(sample.tokens)
+        whole_from_engine = sample.segment == 0 and new_text is not None
+        engine_text = "".join(sample.segment_text)
+        sample.close_segment()
+        sample.finish_reason = finish_reason
+        sample.text = engine_text if whole_from_engine else self.decode(sample.tokens)
         return self._maybe_finish(sample.group_id)
 
     def interrupt_all(self) -> tuple[list[SampleProgress], list[str]]:

@@ -21,3 +21,22 @@ class RolloutWeightReceiver:
     def weights_checksum(self) -> float:
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         return float(sum(p.detach().double().abs().sum().item() for p in model.parameters()))
+
+    def abandon_weight_update(self) -> None:
+        """Close an update a lost peer left open. Finishing it lets vLLM put back the old
+        weights of every layer that received nothing (a layer that received part of its
+        weights is processed as it is; the next push replaces it), and clears the
+        worker's update flag; then this end of the transfer group is closed."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        worker: Any = self
+        if worker._weight_update_active:
+            worker.finish_weight_update()
+        else:
+            # A failed receive clears the flag but leaves the layer-wise reload begun;
+            # finalising is a no-op where none is.
+            with set_current_vllm_config(worker.vllm_config):
+                finalize_layerwise_reload(worker.model_runner.get_model(), worker.model_config)
+        if worker.weight_transfer_engine is not None:
+            worker.weight_transfer_engine.shutdown()

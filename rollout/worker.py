@@ -6,10 +6,12 @@ on other threads, only queue work and read results:
 - ``submit`` queues GRPO groups; the engine thread adds one request per sample;
 - ``poll`` returns the groups that finished since the last poll, waiting up to a timeout:
   it is also the worker's heartbeat, answered even while the engine is busy;
-- ``load_weights`` parks the engine thread between two steps and reloads the weights in
-  place. With ``partial=True`` the samples still generating are interrupted and continue
-  under the new weights (their tokens so far become part of the prompt); otherwise they
-  finish under the old weights first.
+- a weight update parks the engine thread between two steps: ``load_weights`` (the object
+  store) reloads the weights in place; ``begin_weight_update`` ... ``end_weight_update``
+  frame a broadcast, which the learner drives through vLLM's weight-transfer calls. With
+  ``partial=True`` the samples still generating are interrupted and continue under the
+  new weights (their tokens so far become part of the prompt); otherwise they finish under
+  the old weights first, and no new one starts until the new weights are in.
 
 The bookkeeping of groups and segments is ``rollout.sample_book.SampleBook``.
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 from conf.schema import ModelConfig, RolloutConfig
 from rollout.sample_book import SampleBook, SampleProgress
-from rollout.types import GroupRequest, WorkerReport
+from rollout.types import GroupRequest, GroupResult, WorkerReport
 
 WORKER_EXTENSION = "rollout.weight_receiver.RolloutWeightReceiver"
 
@@ -81,6 +83,9 @@ class RolloutWorker:
         self._busy = False  # the engine has unfinished requests
         self._pause_requests = 0
         self._paused = False
+        self._draining = False  # finishing the running requests; none may start
+        self._update_open = False  # parked for a weight update
+        self._transfer_calls = 0  # vLLM weight-transfer calls running on actor threads
         self._stopping = False
         self._busy_s = 0.0
         self._error: BaseException | None = None
@@ -131,14 +136,31 @@ class RolloutWorker:
             self.llm.collective_rpc("load_named_tensors", args=(named_tensors,))
         return version
 
-    def begin_weight_update(self, partial: bool = False) -> None:
-        """GPU path: park the engine before the learner broadcasts over NCCL."""
+    def begin_weight_update(self, partial: bool = False) -> int:
+        """Broadcast: park the engine before the learner opens a group or sends weights.
+        An update that a failure left open is abandoned first. Returns the weight version
+        the engine holds."""
+        if self._update_open:
+            self.abandon_weight_update()
         self._enter_update(partial)
+        return self.weight_version
 
     def end_weight_update(self, version: int) -> int:
-        """GPU path: the weights arrived over NCCL; record their version and resume."""
+        """Broadcast: the weights are in; record their version and resume."""
         self._leave_update(version)
         return version
+
+    def abandon_weight_update(self) -> None:
+        """Leave an update that a lost peer left half done: wait for the transfer calls
+        still running (closing the group on the learner's side ends them), let vLLM put
+        the old weights back where nothing new arrived, close this end of the group, and
+        resume under the version held before. The next push re-forms the group and sends
+        every weight again."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._transfer_calls == 0, timeout=self.cfg.timeout_s)
+        self.llm.collective_rpc("abandon_weight_update")
+        if self._update_open:
+            self._leave_update(self.weight_version)
 
     def weights_checksum(self) -> float:
         """Sum of |w| over the engine's parameters, to observe that a sync arrived."""
@@ -154,12 +176,13 @@ class RolloutWorker:
     # -- the engine thread -------------------------------------------------------------
     def _engine_loop(self) -> None:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         try:
             while True:
                 with self._cv:
                     self._cv.wait_for(lambda: self._stopping or self._pause_requests
-                                      or self._inbox or self._busy)
+                                      or (self._inbox and not self._draining) or self._busy)
                     if self._stopping:
                         return
                     if self._pause_requests:
@@ -168,9 +191,14 @@ class RolloutWorker:
                         self._cv.wait_for(lambda: self._stopping or not self._pause_requests)
                         self._paused = False
                         continue
-                    # Tagged with the version the engine holds as it takes them on.
-                    inbox = [self.book.start(s, self.weight_version) for s in self._inbox]
-                    self._inbox = []
+                    inbox = []
+                    if not self._draining:
+                        # Tagged with the version the engine holds as it takes them on.
+                        inbox = [self.book.start(s, self.weight_version) for s in self._inbox]
+                        self._inbox = []
+                        # Busy from now: a weight update that sees the engine idle must
+                        # not miss requests taken but not yet added.
+                        self._busy = self._busy or bool(inbox)
                 for request in inbox:
                     self.engine.add_request(
                         request.request_id, {"prompt_token_ids": request.prompt_token_ids},
@@ -181,20 +209,18 @@ class RolloutWorker:
                                        logprobs=self.cfg.top_logprobs, flat_logprobs=True,
                                        # With top K, vLLM would spell out every listed token;
                                        # the response is decoded once at the end instead.
-                                       detokenize=self.cfg.top_logprobs == 0))
+                                       detokenize=self.cfg.top_logprobs == 0,
+                                       # Each step hands over only the tokens it produced,
+                                       # so reading outputs does not grow with the answer.
+                                       output_kind=RequestOutputKind.DELTA))
                 started = time.perf_counter()
                 outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
                 elapsed = time.perf_counter() - started
                 with self._cv:
                     self._busy_s += elapsed
                     for output in outputs:
-                        completion = output.outputs[0]
-                        tokens = list(completion.token_ids)
-                        logprobs, top = read_flat_logprobs(completion.logprobs, len(tokens))
-                        reason = (completion.finish_reason or "length") if output.finished else None
-                        text = completion.text if self.cfg.top_logprobs == 0 else None
-                        done = self.book.on_output(output.request_id, tokens, logprobs, reason,
-                                                   text, top)
+                        done = record_delta(self.book, output,
+                                            detokenized=self.cfg.top_logprobs == 0)
                         if done is not None:
                             self.book.finished.append(done)
                     self._busy = self.engine.has_unfinished_requests()
@@ -227,22 +253,32 @@ class RolloutWorker:
 
     def _enter_update(self, partial: bool) -> None:
         if not partial:
-            # Finish what runs under the old weights first.
+            # Finish what runs under the old weights, and start nothing meanwhile: no
+            # request may begin between "drained" and "loaded".
             with self._cv:
-                self._cv.wait_for(lambda: not (self._busy or self._inbox) or self._error is not None)
+                self._draining = True
+                self._cv.wait_for(lambda: not self._busy or self._error is not None)
         self._park()
-        if partial:
-            self._continuations, to_abort = self.book.interrupt_all()
-            if to_abort:
-                self.engine.abort_request(to_abort)
+        with self._cv:
+            self._update_open = True
+            if partial:
+                self._continuations, to_abort = self.book.interrupt_all()
+                if to_abort:
+                    self.engine.abort_request(to_abort)
 
     def _leave_update(self, version: int) -> None:
-        # Cached prefixes were computed with the old weights.
-        self.llm.reset_prefix_cache()
+        # Cached prefixes were computed with the old weights. vLLM declines the reset
+        # while any request holds cache blocks; the engine is drained or its requests
+        # aborted here, so a refusal means the old weights' prefixes would be reused.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"rollout-{self.worker_index}: vLLM refused to reset its prefix "
+                               "cache after a weight update, so cached prefixes of the old "
+                               "weights would be reused")
         with self._cv:
             self.weight_version = version
             self._inbox.extend(self._continuations)
             self._continuations = []
+            self._update_open = self._draining = False
         self._unpark()
 
     @contextmanager
@@ -253,43 +289,71 @@ class RolloutWorker:
         finally:
             self._leave_update(version)
 
-    # -- GPU path: the control plane of vLLM's NCCL weight transfer. The learner's
-    # trainer-side engine calls these through a Ray client while it broadcasts.
-    def collective_rpc(self, method: str, args: tuple = ()) -> list:
-        return self.llm.collective_rpc(method, args=args)
-
-    def init_weight_transfer_engine(self, request) -> None:
-        self.llm.init_weight_transfer_engine(request)
+    # -- broadcast: vLLM's weight-transfer calls, driven by learner rank 0 through a Ray
+    # client while the engine is parked (begin_weight_update ... end_weight_update).
+    def init_weight_transfer_engine(self, request: dict) -> None:
+        with self._transfer_call():
+            self.llm.init_weight_transfer_engine(request)
 
     def shutdown_weight_transfer_engine(self) -> None:
-        self.llm.shutdown_weight_transfer_engine()
+        with self._transfer_call():
+            self.llm.shutdown_weight_transfer_engine()
 
     def start_weight_update(self) -> None:
-        self.llm.start_weight_update()
+        with self._transfer_call():
+            self.llm.start_weight_update()
 
-    def update_weights(self, request) -> None:
-        self.llm.update_weights(request)
+    def update_weights(self, request: dict) -> None:
+        with self._transfer_call():
+            self.llm.update_weights(request)
 
     def finish_weight_update(self) -> None:
-        self.llm.finish_weight_update()
+        with self._transfer_call():
+            self.llm.finish_weight_update()
 
-    def update_weight_version(self, version: str) -> None:
-        self.llm.update_weight_version(version)
+    @contextmanager
+    def _transfer_call(self) -> Iterator[None]:
+        if not self._update_open:
+            raise RuntimeError(f"rollout-{self.worker_index}: a weight-transfer call arrived while "
+                               "the engine was not parked for an update")
+        with self._cv:
+            self._transfer_calls += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._transfer_calls -= 1
+                self._cv.notify_all()
 
 
 TopLogprobs = tuple[list[list[int]], list[list[float]]]  # per position: token ids, log-probs
 
 
-def read_flat_logprobs(flat, num_tokens: int) -> tuple[list[float], TopLogprobs]:
+def record_delta(book: SampleBook, output, detokenized: bool) -> GroupResult | None:
+    """Hand one request's DELTA output, what it generated since its previous output, to the
+    book; returns the request's group if that is now done.
+
+    ``detokenized``: the request asked vLLM for text, which then comes in pieces as well.
+    """
+    completion = output.outputs[0]
+    logprobs, top = read_flat_logprobs(completion.logprobs)
+    reason = (completion.finish_reason or "length") if output.finished else None
+    return book.on_output(output.request_id, completion.token_ids, logprobs, reason,
+                          completion.text if detokenized else None, top)
+
+
+def read_flat_logprobs(flat) -> tuple[list[float], TopLogprobs]:
     """The sampled tokens' log-probs, and the top K at each position, from vLLM's flat lists.
 
-    At each position vLLM lists the sampled token first, then the K most likely in rank
-    order (the sampled one again if it is among them).
+    ``flat`` covers the positions of one DELTA output, the new ones only: vLLM slices them
+    off the request's whole history and re-indexes them from 0. At each position vLLM lists
+    the sampled token first, then the K most likely in rank order (the sampled one again if
+    it is among them).
     """
-    if flat is None or num_tokens == 0:
+    if flat is None:
         return [], ([], [])
     sampled, top_ids, top_logprobs = [], [], []
-    for start, end in zip(flat.start_indices[:num_tokens], flat.end_indices[:num_tokens], strict=True):
+    for start, end in zip(flat.start_indices, flat.end_indices, strict=True):
         sampled.append(flat.logprobs[start])
         if end - start > 1:
             top_ids.append(flat.token_ids[start + 1:end])
@@ -298,10 +362,16 @@ def read_flat_logprobs(flat, num_tokens: int) -> tuple[list[float], TopLogprobs]
 
 
 def _weight_transfer_kwargs(cfg: RolloutConfig) -> dict:
-    """Open vLLM's NCCL weight-transfer endpoint when weights will arrive over NCCL."""
-    nccl = cfg.weight_sync == "nccl" or (cfg.weight_sync == "auto" and cfg.gpus_per_worker > 0)
-    if not nccl:
+    """Open vLLM's weight-transfer endpoint when weights arrive by broadcast
+    (``cfg.weight_sync`` as ``conf.validate.resolve_auto`` leaves it)."""
+    if cfg.weight_sync != "broadcast":
         return {}
     from vllm.config.weight_transfer import WeightTransferConfig
 
-    return {"weight_transfer_config": WeightTransferConfig(backend="nccl")}
+    from conf.validate import broadcast_wire
+    from rollout import gloo_transfer
+
+    # Also the package's vllm.general_plugins entry point; registered here too, so that a
+    # source checkout that was never installed finds it in the engine's own process.
+    gloo_transfer.register()
+    return {"weight_transfer_config": WeightTransferConfig(backend=broadcast_wire(cfg))}

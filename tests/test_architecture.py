@@ -2,7 +2,8 @@
 
 - ``conf`` imports no other project package;
 - ``verifier`` and ``rollout`` import only ``conf``;
-- ``learner`` imports only ``conf`` and rollout's message types (``rollout.types``);
+- ``learner`` imports only ``conf`` and rollout's message types (``rollout.types``, and
+  ``rollout.weight_wire``, the byte layout of a weight broadcast);
 - ``launch`` (driver, cluster, CLI) may import everything;
 - no cycle among the imports that run when a module is imported.
 """
@@ -20,7 +21,7 @@ ALLOWED = {
     "conf": ("conf",),
     "verifier": ("conf", "verifier"),
     "rollout": ("conf", "rollout"),
-    "learner": ("conf", "learner", "rollout.types"),
+    "learner": ("conf", "learner", "rollout.types", "rollout.weight_wire"),
     "launch": PACKAGES,
 }
 

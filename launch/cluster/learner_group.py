@@ -79,8 +79,16 @@ class LearnerGroup:
     def export_weights_refs(self) -> list:
         return [w.export_weights.remote() for w in self.workers]
 
-    def send_weights_nccl_refs(self) -> list:
-        return [w.send_weights_nccl.remote() for w in self.workers]
+    def open_weight_transfer_refs(self, wire: str, rollout_handles: list,
+                                  engine_world_sizes: list[int], bucket_bytes: int,
+                                  timeout_s: float) -> list:
+        """Every rank joins the new broadcast group's set-up (rank 0 opens it)."""
+        return [w.open_weight_transfer.remote(wire, rollout_handles, engine_world_sizes,
+                                              bucket_bytes, timeout_s) for w in self.workers]
+
+    def broadcast_weights_refs(self) -> list:
+        """Every rank: ZeRO-3 gathers each layer while rank 0 sends it."""
+        return [w.broadcast_weights.remote() for w in self.workers]
 
     def save_checkpoint(self, directory: str) -> None:
         # Every rank at once: DeepSpeed's save is a collective.

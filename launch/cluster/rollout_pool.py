@@ -11,7 +11,9 @@
   that long (it is then killed). Its groups go straight back to the queue, so the survivors
   take them, nothing lost and nothing twice, and a replacement starts in the background
   in the same placement bundle. The replacement receives the current weights before it is
-  given any work. ``rollout.max_restarts`` bounds replacements over the run.
+  given any work: it loads them at once from the object store, or, under the broadcast,
+  waits ("awaiting") until the next push includes it. ``rollout.max_restarts`` bounds
+  replacements over the run.
 
 The pool is driven by its caller: ``poll`` (or anything that waits through it) is the only
 place where work moves, so the driver calls it while it waits for anything else too.
@@ -42,6 +44,11 @@ class RolloutFailure(RunStopped):
     """The rollout workers cannot go on (replacements exhausted, or none could start)."""
 
 
+# What ``RolloutPool.load_current_weights`` returns for a replacement that receives the
+# current weights with the next push instead of loading them itself.
+AWAIT_NEXT_PUSH = "await next push"
+
+
 def pick_worker(loads: dict[int, int], capacity: int, group_size: int) -> int | None:
     """The least-loaded worker with room for a group (lowest index on ties), or None.
 
@@ -60,7 +67,7 @@ class WorkerSlot:
 
     index: int
     handle: Any = None
-    state: str = "starting"  # starting -> loading (weights) -> live; dead
+    state: str = "starting"  # starting -> loading or awaiting (weights) -> live; dead
     pid: int | None = None
     node: str | None = None
     ready_ref: Any = None
@@ -102,8 +109,11 @@ class RolloutPool:
         self.pending: deque[GroupRequest] = deque()
         self.results: dict[str, GroupResult] = {}
         self.counters = PoolCounters()
-        # How a replacement gets the current weights, and their version: set by the weight sync.
+        # How a replacement gets the current weights, and their version: set by the weight
+        # sync. It returns a load's ref, None (the model as loaded is current), or
+        # AWAIT_NEXT_PUSH; serve_awaiting pushes the current weights to awaiting workers.
         self.load_current_weights: Callable[[Any], Any] | None = None
+        self.serve_awaiting: Callable[[], Any] | None = None
         self.current_version = 0
         for slot in self.slots:
             self._start(slot)
@@ -129,6 +139,11 @@ class RolloutPool:
         """Every group in ``group_ids``, while the pool routes, streams and heals."""
         wanted = set(group_ids)
         while not wanted <= self.results.keys():
+            if self.serve_awaiting is not None and not self.live_slots() and self.awaiting_slots():
+                # Every worker is a replacement waiting for a push, and none will come
+                # while the driver waits for rollouts: the learners sit idle, holding
+                # exactly the current version, so push it now.
+                self.serve_awaiting()
             self.poll(poll_s)
         return self.take(group_ids)
 
@@ -157,27 +172,50 @@ class RolloutPool:
     def live_slots(self) -> list[WorkerSlot]:
         return [s for s in self.slots if s.state == "live"]
 
+    def awaiting_slots(self) -> list[WorkerSlot]:
+        return [s for s in self.slots if s.state == "awaiting"]
+
     # -- weights -----------------------------------------------------------------------
     def push_weights(self, weights_ref: Any, version: int, partial: bool) -> None:
         """Every live worker loads ``weights_ref`` as ``version``; waits, healing meanwhile.
-
-        Without partial rollouts a worker first finishes what it is generating, which can
-        take long; the deadline (``rollout.timeout_s``) therefore runs from the push or
-        from the worker's last progress, whichever is later. A worker lost during the load
-        is replaced like any other; its replacement loads these weights before it serves.
-        """
+        A worker lost during the load is replaced like any other; its replacement loads
+        these weights before it serves."""
         self.current_version = version
-        pushed = time.monotonic()
-        for slot in self.live_slots():
-            slot.load_ref = slot.handle.load_weights.remote(weights_ref, version, partial)
-        while loading := [s for s in self.slots if s.load_ref is not None and s.state == "live"]:
+        self.call_workers(self.live_slots(),
+                          lambda handle: handle.load_weights.remote(weights_ref, version, partial),
+                          f"load weights v{version}")
+
+    def call_workers(self, slots: list[WorkerSlot], call: Callable[[Any], Any],
+                     what: str) -> list[WorkerSlot]:
+        """``call(handle)`` on each of ``slots`` at once; waits for them, healing meanwhile.
+
+        A weight update first lets a worker finish what it is generating, which can take
+        long; the deadline (``rollout.timeout_s``) therefore runs from the call or from the
+        worker's last progress, whichever is later. Returns the slots whose worker
+        answered (a lost one is replaced like any other, and left out).
+        """
+        called = time.monotonic()
+        handles = {}
+        for slot in slots:
+            slot.load_ref = call(slot.handle)
+            handles[slot.index] = slot.handle
+        serving = ("live", "awaiting")
+        while waiting := [s for s in slots if s.load_ref is not None and s.state in serving
+                          and s.handle is handles[s.index]]:
             now = time.monotonic()
-            for slot in loading:
-                waited = now - max(pushed, slot.last_progress)
+            for slot in waiting:
+                waited = now - max(called, slot.last_progress)
                 if waited > self.cfg.timeout_s:
-                    self._lose(slot, f"did not load weights v{version} in {waited:.0f}s "
-                                     "without progress")
+                    self._lose(slot, f"did not {what} in {waited:.0f}s without progress")
             self.poll(0.05)
+        return [s for s in slots if s.state in serving and s.handle is handles[s.index]]
+
+    def go_live(self, slots: list[WorkerSlot], version: int) -> None:
+        """``slots`` hold weights ``version`` now: the awaiting ones among them may serve."""
+        self.current_version = version
+        for slot in slots:
+            if slot.state == "awaiting":
+                self._go_live(slot)
 
     def abort_all(self) -> None:
         """Drop every group, queued or generating (the learners went back in time)."""
@@ -285,6 +323,7 @@ class RolloutPool:
                   and now - slot.last_progress > timeout):
                 self._lose(slot, f"made no progress on {len(slot.in_flight)} groups for "
                                  f"{now - slot.last_progress:.0f}s")
+            # An awaiting worker is started; its next call (a push) has a deadline of its own.
             elif slot.state in ("starting", "loading") and now - slot.started > self.cfg.startup_timeout_s:
                 self._lose(slot, f"did not start within {self.cfg.startup_timeout_s:.0f}s")
 
@@ -369,6 +408,10 @@ class RolloutPool:
         load = self.load_current_weights(slot.handle)
         if load is None:  # nothing was pushed yet: model.path is the current version
             self._go_live(slot)
+        elif load is AWAIT_NEXT_PUSH:
+            slot.state = "awaiting"
+            if self.on_change is not None:
+                self.on_change()
         else:
             slot.state, slot.load_ref = "loading", load
 

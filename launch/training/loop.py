@@ -170,14 +170,14 @@ class Trainer:
 
     def _start_learners(self) -> None:
         from launch.cluster.learner_group import LearnerGroup
-        from launch.training.weight_sync import make_weight_sync, weight_transport
+        from launch.training.weight_sync import make_weight_sync
 
         cfg = self.cfg
         self.learners = LearnerGroup(
             self.model_path, cfg.model, cfg.learner, cfg.algorithm,
             temperature=cfg.rollout.temperature, total_steps=cfg.trainer.total_steps,
             seed=cfg.trainer.seed, placement=self.placement.learner)
-        self.sync = make_weight_sync(weight_transport(cfg), self.learners, self.pool,
+        self.sync = make_weight_sync(cfg.rollout.weight_sync, self.learners, self.pool,
                                      timeout_s=cfg.rollout.timeout_s,
                                      partial=cfg.rollout.partial_rollout)
         self._write_actors()

@@ -5,9 +5,9 @@ Two transports:
 * ``ObjectStoreWeightSync`` (CPU, and any single-node set-up without NCCL): learner
   rank 0 puts its full state into Ray's object store once; every rollout worker reads
   the same object and reloads its engine in place.
-* ``NcclWeightSync`` (GPU): learner rank 0 broadcasts parameters straight into each
-  engine over NCCL through vLLM's weight-transfer API. Nothing passes through the
-  driver or the object store.
+* ``BroadcastWeightSync`` (GPU, and CPU on request): learner rank 0 broadcasts the
+  weights straight into every engine through vLLM's weight-transfer API, over NCCL on
+  GPUs and gloo on CPUs. Nothing passes through the driver or the object store.
 
 Both bump a weight version that every later ``Sample`` carries, so staleness is
 visible in the metrics.
@@ -15,16 +15,17 @@ visible in the metrics.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from conf.schema import LpregConfig
-
 if TYPE_CHECKING:
     from launch.cluster.learner_group import LearnerGroup
     from launch.cluster.rollout_pool import RolloutPool
+
+log = logging.getLogger("lpreg")
 
 
 @dataclass
@@ -52,11 +53,6 @@ class WeightSync(ABC):
     def push(self, version: int) -> SyncReport:
         """Send the weights; returns once every live rollout worker serves ``version``."""
 
-    def _export_stats(self) -> tuple[int, int]:
-        (stats,) = self.pool.wait_refs([self.learners.rank0.last_export_stats.remote()],
-                                       self.timeout_s, "learner-0 to report its weight export")
-        return stats
-
 
 class ObjectStoreWeightSync(WeightSync):
     def __init__(self, learners: LearnerGroup, pool: RolloutPool, timeout_s: float, partial: bool):
@@ -73,7 +69,8 @@ class ObjectStoreWeightSync(WeightSync):
         # Kept while it is current: a replacement worker loads it before serving.
         self.current = (exports[0], version)
         self.pool.push_weights(exports[0], version, self.partial)
-        stats = self._export_stats()
+        (stats,) = self.pool.wait_refs([self.learners.rank0.last_export_stats.remote()],
+                                       self.timeout_s, "learner-0 to report its weight export")
         self.pool.wait_refs(exports, self.timeout_s, "the learners to export their weights")
         return SyncReport(version=version, seconds=time.perf_counter() - start,
                           num_tensors=stats[0], num_bytes=stats[1])
@@ -85,62 +82,115 @@ class ObjectStoreWeightSync(WeightSync):
         return worker.load_weights.remote(weights, version, False)
 
 
-class NcclWeightSync(WeightSync):
-    """GPU path: vLLM's NCCL weight transfer, one group per rollout worker.
+class BroadcastWeightSync(WeightSync):
+    """Learner rank 0 sends the weights straight into every engine: one broadcast per push
+    over one group of learner rank 0 and every engine's ranks, through vLLM's
+    weight-transfer API (vLLM's NCCL engine on GPUs, lpreg's gloo engine on CPUs).
+    Nothing passes through the driver or the object store, and under ZeRO-3 the learners
+    gather one layer at a time while it is sent.
 
-    Learner rank 0 is NCCL rank 0 in a group with each engine's tensor-parallel ranks
-    and broadcasts bucket by bucket (vLLM packs the tensors into fixed-size buffers).
-    Other learner ranks only join the ZeRO-3 gather. Requires CUDA on both sides.
-    The engines are parked around the broadcast, as for the object-store path. A
-    replacement worker cannot join the NCCL groups of a running run: losing a rollout
-    worker with this transport stops the run.
+    A push parks every engine that will receive (each finishes its running requests
+    first, with a deadline counted from its last progress), re-forms the group if its
+    members changed (only parked engines join), broadcasts, and resumes the engines under
+    the new version. A replacement worker waits until the next push includes it. A
+    rollout worker lost inside the broadcast costs one retry without it; a learner rank
+    lost there leaves the group to be re-formed by the rebuilt learners' first push.
     """
 
     def __init__(self, learners: LearnerGroup, pool: RolloutPool, timeout_s: float, partial: bool):
         super().__init__(learners, pool, timeout_s, partial)
-        self._initialised = False
-        pool.load_current_weights = self._cannot_replace
+        from conf.validate import broadcast_wire
 
-    def _initialise(self) -> None:
-        handles = [slot.handle for slot in self.pool.live_slots()]
-        self.pool.wait_refs([self.learners.rank0.init_nccl_weight_transfer.remote(
-            handles, self.pool.cfg.tensor_parallel_size)], self.timeout_s,
-            "learner-0 to open the NCCL weight-transfer groups")
-        self._initialised = True
+        self.wire = broadcast_wire(pool.cfg)
+        self.members: list | None = None  # the engines' handles, in group order, once formed
+        pool.load_current_weights = self._join_at_next_push
+        pool.serve_awaiting = lambda: self.push(pool.current_version)
 
     def push(self, version: int) -> SyncReport:
         start = time.perf_counter()
-        if not self._initialised:
-            self._initialise()
-        workers = [slot.handle for slot in self.pool.live_slots()]
-        self.pool.wait_refs([w.begin_weight_update.remote(self.partial) for w in workers],
-                            self.timeout_s, "the rollout workers to pause for new weights")
-        self.pool.wait_refs(self.learners.send_weights_nccl_refs(), self.timeout_s,
-                            "the learners to broadcast weights over NCCL")
-        self.pool.wait_refs([w.end_weight_update.remote(version) for w in workers],
-                            self.timeout_s, "the rollout workers to record the new weight version")
-        stats = self._export_stats()
+        try:
+            num_tensors, num_bytes = self._push(version)
+        except BaseException:
+            self.members = None  # whatever failed, the next push forms a new group
+            raise
         return SyncReport(version=version, seconds=time.perf_counter() - start,
-                          num_tensors=stats[0], num_bytes=stats[1])
+                          num_tensors=num_tensors, num_bytes=num_bytes)
 
-    def _cannot_replace(self, worker) -> Any:
-        from launch.cluster.rollout_pool import RolloutFailure
+    def _push(self, version: int) -> tuple[int, int]:
+        from launch.cluster.remote import is_actor_death
 
-        raise RolloutFailure("a rollout worker was lost, and a replacement cannot join the NCCL "
-                             "weight transfer of a running run; resume the run from its newest "
-                             "checkpoint (trainer.resume=auto), or use rollout.weight_sync=object_store")
+        for attempt in (1, 2):
+            receivers = self.pool.call_workers(
+                self.pool.live_slots() + self.pool.awaiting_slots(),
+                lambda handle: handle.begin_weight_update.remote(self.partial),
+                "pause for new weights")
+            handles = [slot.handle for slot in receivers]
+            try:
+                self._form_group(receivers)
+                (stats, *_) = self.pool.wait_refs(self.learners.broadcast_weights_refs(),
+                                                  self.timeout_s, "the learners to broadcast weights")
+            except Exception as err:
+                if attempt == 2 or is_actor_death(err) or not self._lost_any(receivers, handles):
+                    raise
+                log.warning("a rollout worker was lost during the weight broadcast (%s); "
+                            "broadcasting again without it", err)
+                self.members = None
+                self.pool.call_workers(self._still_held(receivers, handles),
+                                       lambda handle: handle.abandon_weight_update.remote(),
+                                       "leave the failed weight update")
+                continue
+            held = self._still_held(receivers, handles)
+            done = self.pool.call_workers(held, lambda handle: handle.end_weight_update.remote(version),
+                                          f"resume under weights v{version}")
+            self.pool.go_live(done, version)
+            return tuple(stats)
+        raise AssertionError("unreachable")
+
+    def _form_group(self, receivers: list) -> None:
+        handles = [slot.handle for slot in receivers]
+        if self.members is not None and len(handles) == len(self.members) and all(
+                a is b for a, b in zip(handles, self.members, strict=True)):
+            return
+        self.members = None
+        # Any earlier group is closed on the engines' side first; the learners close
+        # theirs as they open the new one.
+        closed = self.pool.call_workers(
+            receivers, lambda handle: handle.shutdown_weight_transfer_engine.remote(),
+            "close its old weight-transfer group")
+        if len(closed) != len(receivers):
+            raise RuntimeError("a rollout worker was lost while the weight-transfer group formed")
+        tp = self.pool.cfg.tensor_parallel_size
+        self.pool.wait_refs(self.learners.open_weight_transfer_refs(
+            self.wire, handles, [tp] * len(handles), self.pool.cfg.broadcast_bucket_mb << 20,
+            self.timeout_s), self.timeout_s, "learner-0 to open the weight-broadcast group")
+        self.members = handles
+
+    def _still_held(self, receivers: list, handles: list) -> list:
+        """The receivers whose worker is the one that was parked (not lost, not replaced)."""
+        return [slot for slot, handle in zip(receivers, handles, strict=True)
+                if slot.handle is handle and slot.state in ("live", "awaiting")]
+
+    def _lost_any(self, receivers: list, handles: list, settle_s: float = 5.0) -> bool:
+        """Whether a receiver was lost. A broadcast fails the moment a peer's connection
+        drops, while Ray may take a moment to report the actor dead: give it that."""
+        deadline = time.monotonic() + settle_s
+        while len(self._still_held(receivers, handles)) == len(receivers):
+            if time.monotonic() > deadline:
+                return False
+            self.pool.poll(0.2)
+        return True
+
+    def _join_at_next_push(self, worker) -> Any:
+        from launch.cluster.rollout_pool import AWAIT_NEXT_PUSH
+
+        return AWAIT_NEXT_PUSH if self.pool.current_version > 0 else None
 
 
-def weight_transport(cfg: LpregConfig) -> str:
-    if cfg.rollout.weight_sync != "auto":
-        return cfg.rollout.weight_sync
-    return "nccl" if cfg.rollout.gpus_per_worker > 0 else "object_store"
-
-
-# rollout.weight_sync -> transport; conf.schema.WEIGHT_SYNC_TRANSPORTS adds "auto".
+# rollout.weight_sync, as conf.validate.resolve_auto leaves it -> transport;
+# conf.schema.WEIGHT_SYNC_TRANSPORTS adds "auto" and the old names.
 TRANSPORTS: dict[str, type[WeightSync]] = {
     "object_store": ObjectStoreWeightSync,
-    "nccl": NcclWeightSync,
+    "broadcast": BroadcastWeightSync,
 }
 
 

@@ -64,22 +64,37 @@ def test_cpu_colocated_may_broadcast_over_gloo():
     assert transport("ray.colocate=true", "rollout.weight_sync=broadcast") == "broadcast"
 
 
-def test_tensor_parallel_halves_beside_a_half_gpu_learner_are_judged_shared():
-    # rollout.gpus_per_worker is per tensor-parallel rank: the worker asks for 0.5 x 2 = 1
-    # GPU. The learner asks for a fraction, so the pair is judged to share: no broadcast.
-    tp = [*COLOCATED_HALVES, "rollout.tensor_parallel_size=2"]
-    assert shares_gpus(load_config(overrides=tp))
-    assert transport(*tp) == "object_store"
-    with pytest.raises(ConfigError, match="'rollout.weight_sync'"):
-        load_config(overrides=[*tp, "rollout.weight_sync=broadcast"])
+def test_fractional_gpus_per_tensor_parallel_rank_are_refused():
+    # rollout.gpus_per_worker is per tensor-parallel rank, and each rank needs its own GPU.
+    with pytest.raises(ConfigError, match="'rollout.gpus_per_worker' is 0.5 with "
+                                          "rollout.tensor_parallel_size=2"):
+        load_config(overrides=[*COLOCATED_HALVES, "rollout.tensor_parallel_size=2"])
 
 
-def test_tensor_parallel_worker_of_a_whole_gpu_beside_a_whole_gpu_learner_is_not_shared():
-    # 0.5 x 2 = one GPU for the rollout worker, one for the learner: Ray gives them
-    # different devices.
-    cfg = load_config(overrides=["ray.colocate=true", "learner.gpus_per_worker=1",
-                                 "rollout.gpus_per_worker=0.5", "rollout.tensor_parallel_size=2"])
+def test_a_pair_whose_shares_add_up_to_more_than_one_gpu_does_not_share_one():
+    # 0.5 + 1: Ray gives the two different GPUs of their bundle, so they may broadcast.
+    cfg = load_config(overrides=["ray.colocate=true", "learner.gpus_per_worker=0.5",
+                                 "rollout.gpus_per_worker=1"])
     assert not shares_gpus(cfg)
+    assert transport("ray.colocate=true", "learner.gpus_per_worker=0.5",
+                     "rollout.gpus_per_worker=1") == "broadcast"
+    cfg = load_config(overrides=["ray.colocate=true", "learner.gpus_per_worker=0.25",
+                                 "rollout.gpus_per_worker=0.25"])
+    assert shares_gpus(cfg)
+
+
+@pytest.mark.parametrize("shares", [("0.5", "0.75"), ("0.6", "0.6")])
+def test_fractions_that_fit_neither_one_gpu_nor_separate_ones_are_refused(shares):
+    # Ray reserves such a bundle but never starts the pair's actors.
+    learner, rollout = shares
+    with pytest.raises(ConfigError, match="'ray.colocate'.*more than one GPU"):
+        load_config(overrides=["ray.colocate=true", f"learner.gpus_per_worker={learner}",
+                               f"rollout.gpus_per_worker={rollout}"])
+
+
+def test_a_gpu_request_above_one_must_be_whole():
+    with pytest.raises(ConfigError, match="'learner.gpus_per_worker' asks for 1.5 GPUs"):
+        load_config(overrides=["learner.gpus_per_worker=1.5"])
 
 
 def test_the_command_line_refuses_colocated_halves_with_broadcast(tmp_path):

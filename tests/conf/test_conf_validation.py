@@ -20,6 +20,7 @@ from conf.schema import (
     LR_SCHEDULERS,
     POLICY_LOSSES,
     SYNTHETIC_KINDS,
+    WEIGHT_SYNC_ALIASES,
     WEIGHT_SYNC_TRANSPORTS,
     Range,
 )
@@ -133,7 +134,8 @@ def test_choice_lists_equal_the_implementations():
     assert set(LOSS_AGG_MODES) == set(AGG_MODES)
     assert set(KL_TYPES) == set(kl_types)
     assert set(SYNTHETIC_KINDS) == set(SYNTHETIC_TASKS)
-    assert set(WEIGHT_SYNC_TRANSPORTS) == {"auto", *TRANSPORTS}
+    assert set(WEIGHT_SYNC_TRANSPORTS) == {"auto", *WEIGHT_SYNC_ALIASES, *TRANSPORTS}
+    assert set(WEIGHT_SYNC_ALIASES.values()) <= set(TRANSPORTS)
     assert set(LR_SCHEDULERS) == set(schedulers)
     assert set(ROLLOUT_CORRECTIONS) == set(corrections)
     assert set(STALE_POLICIES) == {"auto", *stale_policies}

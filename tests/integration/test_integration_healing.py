@@ -11,6 +11,10 @@ One run takes three faults, one after the other, and finishes every step:
 Steps take about a second; the run is long enough for the three recoveries to happen
 while it trains, and the test waits for each before causing the next.
 
+The run takes them under both weight transports: under the broadcast, a replacement
+joins the group at the next push, and a learner rank lost mid-run leaves the engines to
+the rebuilt learners' first push.
+
 A second run may replace no rollout worker (``rollout.max_restarts=0``): one loss ends it
 with a one-line error, and nothing of it is left running.
 """
@@ -49,10 +53,11 @@ def live_with_new_pid(run: Run, name: str, old_pid: int) -> bool:
     return entry.get("state") == "live" and entry.get("pid") not in (None, old_pid)
 
 
-@pytest.fixture(scope="module")
-def healed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("healing")
-    run = Run(settings(out, "healed"), out / "healed", out / "healed.log", timeout_s=1500)
+@pytest.fixture(scope="module", params=["object_store", "broadcast"])
+def healed(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"healing-{request.param}")
+    run = Run(settings(out, "healed", f"rollout.weight_sync={request.param}"), out / "healed",
+              out / "healed.log", timeout_s=1500)
     faults = {}
 
     # 1. SIGKILL rollout-0 as step 2 starts generating.

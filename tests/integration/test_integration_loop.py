@@ -1,4 +1,6 @@
-"""The whole loop on real Ray, real vLLM (CPU build) and real DeepSpeed (gloo)."""
+"""The whole loop on real Ray, real vLLM (CPU build) and real DeepSpeed (gloo), under both
+weight transports: the object store, and the broadcast that GPU runs use (its gloo wire
+here), with ZeRO-3 gathering one layer at a time and the tiny model's tied embeddings."""
 
 import json
 import os
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.integration
 
@@ -17,14 +20,20 @@ REQUIRED_KEYS = {"step", "reward/mean", "response_length/mean", "timing/rollout_
                  "weights/version"}
 
 
-@pytest.fixture(scope="module")
-def two_by_two_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
+TRANSPORTS = {
+    "object_store": ["learner.zero_stage=2", "trainer.total_steps=3"],
+    "broadcast": ["rollout.weight_sync=broadcast", "learner.zero_stage=3", "trainer.total_steps=6"],
+}
+
+
+@pytest.fixture(scope="module", params=list(TRANSPORTS))
+def two_by_two_run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "launch.cli", "train",
-           "trainer.total_steps=3", "trainer.run_name=loop", f"trainer.output_dir={out}",
-           "rollout.num_workers=2", "learner.num_workers=2", "learner.zero_stage=2",
+           *TRANSPORTS[request.param], "trainer.run_name=loop", f"trainer.output_dir={out}",
+           "rollout.num_workers=2", "learner.num_workers=2",
            "rollout.verify_weight_sync=true", "learner.lr=1e-3", "algorithm.loss=ppo_clip",
            "data.prompts_per_step=8", "rollout.samples_per_prompt=4", "learner.micro_batch_size=4",
            "verifier.reward_fn=toy_rewards:digit_share", "trainer.eval_every=-1",
@@ -40,11 +49,12 @@ def two_by_two_run(tmp_path_factory):
 
 
 def test_metrics_have_one_record_per_step_with_required_keys(two_by_two_run):
-    _, metrics = two_by_two_run
-    assert [m["step"] for m in metrics] == [1, 2, 3]
+    run_dir, metrics = two_by_two_run
+    steps = yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["total_steps"]
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     for record in metrics:
         assert REQUIRED_KEYS <= record.keys(), REQUIRED_KEYS - record.keys()
-    assert [m["weights/version"] for m in metrics] == [1, 2, 3]
+    assert [m["weights/version"] for m in metrics] == list(range(1, steps + 1))
 
 
 def test_vllm_logprobs_match_learner_after_every_sync(two_by_two_run):
@@ -56,13 +66,18 @@ def test_vllm_logprobs_match_learner_after_every_sync(two_by_two_run):
 
 
 def test_every_rollout_worker_received_the_new_weights(two_by_two_run):
-    _, metrics = two_by_two_run
+    run_dir, metrics = two_by_two_run
     checksums = [m["weights/rollout_checksums"] for m in metrics]
     for per_worker in checksums:
         assert len(per_worker) == 2 and per_worker[0] == per_worker[1]
     # The policy moved: each sync delivered different weights.
-    assert checksums[0][0] != checksums[1][0] != checksums[2][0]
+    firsts = [per_worker[0] for per_worker in checksums]
+    assert all(a != b for a, b in zip(firsts, firsts[1:], strict=False))
     assert all(m["actor/grad_norm"] > 0 for m in metrics)
+    # Every tensor under every name, tied ones twice, counted at full size under ZeRO-3.
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(
+        resolved_model(run_dir)).parameters())
+    assert all(m["weights/sync_bytes"] >= 4 * params for m in metrics)
 
 
 def test_both_workers_served_requests(two_by_two_run):
@@ -73,6 +88,13 @@ def test_both_workers_served_requests(two_by_two_run):
 def test_run_directory_holds_the_resolved_config(two_by_two_run):
     run_dir, _ = two_by_two_run
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert cfg["trainer"]["total_steps"] == 3
+    transport = cfg["rollout"]["weight_sync"]
+    assert f"trainer.total_steps={cfg['trainer']['total_steps']}" in TRANSPORTS[transport]
     assert cfg["learner"]["num_workers"] == 2
     assert cfg["verifier"]["reward_fn"] == "toy_rewards:digit_share"
+
+
+def resolved_model(run_dir: Path) -> str:
+    """The model directory a run trained, as its resolved config names it."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return cfg["model"]["path"] or str(next(Path(cfg["model"]["cache_dir"]).glob("*/config.json")).parent)

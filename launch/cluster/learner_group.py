@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
-from launch.cluster.remote import wait_named
+from launch.cluster.remote import is_actor_death, wait_named
 from learner.actor import Learner
 from learner.batch import RaggedBatch, shard_for_learners
 
@@ -75,6 +75,22 @@ class LearnerGroup:
             if handle._actor_id.hex() in text:
                 return f"learner-{rank}, pid {self._where[rank][0]}"
         return text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+
+    def dead_rank(self, within_s: float = 5.0) -> str | None:
+        """A rank Ray reports dead, named as ``name_of_failure`` names it, or None.
+
+        A rank blocked in a collective does not answer within ``within_s``; it is alive."""
+        import ray
+
+        refs = [w.__ray_call__.remote(_process_and_node) for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=within_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - only a death is an answer here
+                if is_actor_death(err):
+                    return self.name_of_failure(err)
+        return None
 
     def export_weights_refs(self) -> list:
         return [w.export_weights.remote() for w in self.workers]

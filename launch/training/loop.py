@@ -259,7 +259,10 @@ class Trainer:
     def _learner_loss(self, what: str) -> Iterator[None]:
         """A learner rank's death inside the block becomes ``LearnerLost``, naming the rank.
 
-        A ``RunStopped`` (the rollout pool giving up) passes through as it is.
+        The error that arrives first may be a surviving rank's, from a collective or a
+        broadcast its dead peer left, so any other failure asks the ranks whether one
+        died before it passes on. A ``RunStopped`` (the rollout pool giving up) passes
+        through as it is.
         """
         try:
             yield
@@ -269,6 +272,9 @@ class Trainer:
             if is_actor_death(err):
                 raise LearnerLost(f"a learner rank died while {what} "
                                   f"({self.learners.name_of_failure(err)})") from err
+            dead = self.learners.dead_rank()
+            if dead is not None:
+                raise LearnerLost(f"a learner rank died while {what} ({dead})") from err
             raise
 
     def _train_step(self, step: int) -> dict:

@@ -121,7 +121,9 @@ class RolloutWorker:
 
     def abort_all(self) -> int:
         """Drop every group (the driver no longer wants them); returns how many samples."""
-        with self._parked():
+        # Under the lock too: poll() hands the book's finished groups over under it, and
+        # the engine thread is parked but the actor's other threads are not.
+        with self._parked(), self._cv:
             dropped = self.book.in_flight_samples
             running = self.book.drop_all()
             self._inbox.clear()

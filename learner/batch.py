@@ -290,8 +290,11 @@ def behaviour_proxy(samples: list[Sample], response_tokens: torch.Tensor, *, kap
         for position, (ids, log_probs) in enumerate(zip(ids_rows, log_prob_rows, strict=True)):
             top_ids[position, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             top_log_probs[position, :len(log_probs)] = torch.tensor(log_probs, dtype=torch.float64)
+    sampled = torch.tensor([lp for sample in samples for lp in sample.response_logprobs],
+                           dtype=torch.float64)
     proxy, inexact = top_k_proxy_log_prob(top_log_probs, top_ids, response_tokens, kappa,
-                                          proxy_temperature, sampling_temperature)
+                                          proxy_temperature, sampling_temperature,
+                                          sampled_log_probs=sampled)
     return proxy, inexact
 
 

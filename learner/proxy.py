@@ -152,6 +152,7 @@ def top_k_proxy_log_prob(
     kappa: float,
     temperature: float = 1.0,
     sampling_temperature: float = 1.0,
+    sampled_log_probs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The min-p proxy of the sampled tokens from the generating policy's top-K log-probs.
 
@@ -161,8 +162,14 @@ def top_k_proxy_log_prob(
     temperature 1 (``exp(z_i - z_max) >= kappa``) and the renormalised proxy at
     ``temperature`` are recovered exactly for every listed token, whatever ``T_s``.
 
-    The approximation: tokens outside the list are treated as filtered (a sampled token
-    that is not listed gets -inf, and the normaliser sums over listed kept tokens only).
+    vLLM also reports the sampled token's own log-prob (``sampled_log_probs``); with it, a
+    sampled token outside the K is judged by the filter like a listed one, and counted in
+    the normaliser when kept. Those are the low-probability tokens at uncertain positions
+    that Lp-Reg protects.
+
+    The approximation: other tokens outside the list are treated as filtered (without
+    ``sampled_log_probs`` an unlisted sampled token gets -inf), and the normaliser sums
+    over the kept tokens it knows of only.
     It is exact wherever the list holds every kept token, which it does when its least
     likely entry is already filtered (everything unlisted is less likely still) or K is the
     vocabulary size. A fixed K is no guarantee: n kept tokens have ``n * kappa * p_max <=
@@ -180,6 +187,8 @@ def top_k_proxy_log_prob(
         kappa: min-p threshold relative to the most likely token.
         temperature: temperature of the renormalised proxy (as ``min_p_proxy_log_prob``).
         sampling_temperature: the temperature the log-probs were reported at.
+        sampled_log_probs: ``(...)`` the sampled tokens' own log-probs, as reported with
+            the list.
 
     Returns:
         ``(proxy, inexact)``: ``(...)`` proxy log-probs (float32, float64 for float64
@@ -198,16 +207,30 @@ def top_k_proxy_log_prob(
         shape = token_ids.shape
         return (torch.full(shape, -math.inf, dtype=dtype, device=token_ids.device),
                 torch.zeros(shape, dtype=torch.bool, device=token_ids.device))
-    listed = top_token_ids.reshape(-1, width) >= 0
-    log_probs = top_log_probs.reshape(-1, width).to(dtype).masked_fill(~listed, -math.inf)
-    row_max = log_probs.amax(-1, keepdim=True)
+    top_ids = top_token_ids.reshape(-1, width)
+    log_probs = top_log_probs.reshape(-1, width).to(dtype)
+    ids = token_ids.reshape(-1, 1)
+    listed = top_ids >= 0
+    row_max = log_probs.masked_fill(~listed, -math.inf).amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    # Whether the list holds every kept token: judged on the K alone, before the sampled
+    # token joins it.
+    inexact = (((log_probs - row_max) * sampling_temperature).exp() >= kappa) | ~listed
+    inexact = inexact.all(-1) & listed.any(-1)
+    if sampled_log_probs is not None:
+        if sampled_log_probs.shape != token_ids.shape:
+            raise ValueError(f"sampled_log_probs {tuple(sampled_log_probs.shape)} and token_ids "
+                             f"{tuple(token_ids.shape)} do not match")
+        # One more column: the sampled token where the K do not list it (-1 otherwise).
+        unlisted = ~((top_ids == ids) & listed).any(-1, keepdim=True)
+        top_ids = torch.cat([top_ids, torch.where(unlisted, ids, torch.full_like(ids, -1))], -1)
+        log_probs = torch.cat([log_probs, sampled_log_probs.reshape(-1, 1).to(dtype)], -1)
+        listed = top_ids >= 0
+    log_probs = log_probs.masked_fill(~listed, -math.inf)
     # z - z_max at temperature 1, for the listed tokens: what proxy_from_shifted expects.
     shifted = (log_probs - row_max) * sampling_temperature
-    ids = token_ids.reshape(-1, 1)
-    hit = (top_token_ids.reshape(-1, width) == ids) & listed
+    hit = (top_ids == ids) & listed
     position = hit.to(torch.int8).argmax(-1)  # first match; 0 when unlisted (masked below)
     proxy = proxy_from_shifted(shifted, position, kappa, temperature)
     proxy = proxy.masked_fill(~hit.any(-1), -math.inf)
-    inexact = ((shifted.exp() >= kappa) | ~listed).all(-1) & listed.any(-1)
     return proxy.view(token_ids.shape), inexact.view(token_ids.shape)

@@ -82,6 +82,51 @@ def test_hand_example_for_every_k():
     assert proxy(3, 3) == (-math.inf, False)
 
 
+def test_the_sampled_tokens_own_log_prob_finds_a_kept_token_outside_the_list():
+    # As in the hand example: kappa = 0.1 keeps tokens 0 and 2; K = 1 lists token 0 only.
+    logits = torch.tensor([4.0, 0.0, 3.0, -2.0], dtype=F64)
+    z = math.log(math.exp(4.0) + math.exp(3.0))
+    own = torch.log_softmax(logits, -1)
+    values, indices = reported(logits, 1.0, 1)
+
+    def proxy(token):
+        out, inexact = top_k_proxy_log_prob(values, indices, torch.tensor(token), 0.1,
+                                            sampled_log_probs=own[token])
+        return out.item(), inexact.item()
+
+    assert proxy(2) == (pytest.approx(3.0 - z), True)  # kept: found, and in the normaliser
+    assert proxy(1) == (-math.inf, True)  # unlisted and filtered: still filtered
+    assert proxy(0) == (pytest.approx(0.0), True)  # listed: counted once, as before
+    with pytest.raises(ValueError, match="sampled_log_probs"):
+        top_k_proxy_log_prob(values, indices, torch.tensor(0), 0.1, sampled_log_probs=own)
+
+
+@pytest.mark.parametrize("sampling_temperature", [1.0, 0.6])
+def test_a_list_missing_only_the_sampled_kept_token_gives_the_exact_proxy(sampling_temperature):
+    # Each row lists every kept token but its least likely one, which is the one sampled:
+    # the low-probability kept token at an uncertain position that Lp-Reg protects.
+    logits = 2.0 * torch.randn(64, 40, generator=torch.Generator().manual_seed(4), dtype=F64)
+    kept = (logits - logits.amax(-1, keepdim=True)).exp() >= 0.02
+    rows = kept.sum(-1) >= 2
+    logits, kept = logits[rows], kept[rows]
+    order = logits.argsort(-1, descending=True)
+    ids = order.gather(-1, (kept.sum(-1, keepdim=True) - 1)).squeeze(-1)
+    exact = min_p_proxy_log_prob(logits, ids, 0.02)
+    processed = torch.log_softmax(logits / sampling_temperature, -1)
+    own = processed.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    width = int(kept.sum(-1).max()) - 1
+    values, indices = processed.gather(-1, order[:, :width]), order[:, :width].clone()
+    for row, n in enumerate(kept.sum(-1).tolist()):  # list the n - 1 most likely only
+        indices[row, n - 1:], values[row, n - 1:] = -1, -math.inf
+    assert torch.isfinite(exact).all() and len(ids) > 10
+    without, _ = top_k_proxy_log_prob(values, indices, ids, 0.02,
+                                      sampling_temperature=sampling_temperature)
+    got, _ = top_k_proxy_log_prob(values, indices, ids, 0.02,
+                                  sampling_temperature=sampling_temperature, sampled_log_probs=own)
+    assert torch.isinf(without).all()  # read as filtered without its own log-prob
+    torch.testing.assert_close(got, exact, rtol=0, atol=1e-12)
+
+
 def test_small_k_is_exact_where_the_list_ends_below_the_cut():
     logits, ids = random_logits(seed=2, scale=4.0)
     exact = min_p_proxy_log_prob(logits, ids, 0.02)

@@ -85,7 +85,7 @@ def _pool_round(pool, prompt_ids, args, max_tokens: int) -> tuple[float, int]:
                                 max_response_tokens=max_tokens, seed=1)
     round_id = next(_ROUND_IDS)  # group ids are unique per run
     start = time.perf_counter()
-    groups = pool.generate([GroupRequest(f"bench{round_id}-{i}", ids, sampling)
+    groups = pool.generate([GroupRequest(pool.group_id(f"bench{round_id}-{i}"), ids, sampling)
                             for i, ids in enumerate(prompt_ids)])
     seconds = time.perf_counter() - start
     return seconds, sum(len(s.response_token_ids) for g in groups for s in g.samples)

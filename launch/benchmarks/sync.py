@@ -274,8 +274,9 @@ class Verifier:
         sampling = SamplingSettings(samples_per_prompt=1, temperature=1.0, top_p=1.0,
                                     max_response_tokens=VERIFY_TOKENS, seed=self.calls)
         # One group each: the least-loaded worker takes each group, lowest index first.
-        groups = self.pool.generate([GroupRequest(f"verify{self.calls}-{i}", PROMPT, sampling)
-                                     for i in range(self.workers)])
+        groups = self.pool.generate([
+            GroupRequest(self.pool.group_id(f"verify{self.calls}-{i}"), PROMPT, sampling)
+            for i in range(self.workers)])
         samples = [group.samples[0] for group in groups]
         if sorted(s.worker_index for s in samples) != list(range(self.workers)):
             raise RuntimeError(f"verification samples came from workers "

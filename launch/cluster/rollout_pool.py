@@ -21,6 +21,7 @@ place where work moves, so the driver calls it while it waits for anything else 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -47,6 +48,21 @@ class RolloutFailure(RunStopped):
 # What ``RolloutPool.load_current_weights`` returns for a replacement that receives the
 # current weights with the next push instead of loading them itself.
 AWAIT_NEXT_PUSH = "await next push"
+
+
+class GroupIds:
+    """Group ids that are never issued twice in a pool's life.
+
+    Ray does not order the calls of a threaded actor, so a worker's result for a group the
+    driver dropped (a reset after a lost learner, a re-dispatch) can arrive after a new
+    group took the same name; a serial number keeps the two apart.
+    """
+
+    def __init__(self) -> None:
+        self._serial = itertools.count()
+
+    def __call__(self, name: str) -> str:
+        return f"{name}#{next(self._serial)}"
 
 
 def pick_worker(loads: dict[int, int], capacity: int, group_size: int) -> int | None:
@@ -109,6 +125,7 @@ class RolloutPool:
         self.pending: deque[GroupRequest] = deque()
         self.results: dict[str, GroupResult] = {}
         self.counters = PoolCounters()
+        self.group_id = GroupIds()  # every GroupRequest's id comes from here
         # How a replacement gets the current weights, and their version: set by the weight
         # sync. It returns a load's ref, None (the model as loaded is current), or
         # AWAIT_NEXT_PUSH; serve_awaiting pushes the current weights to awaiting workers.

@@ -62,7 +62,7 @@ def evaluate(pool, verifier, records: list[PromptRecord], prompt_ids: list[list[
 
     sampling = SamplingSettings(samples_per_prompt=samples, temperature=temperature, top_p=top_p,
                                 max_response_tokens=max_response_tokens, seed=seed)
-    groups = pool.generate([GroupRequest(f"eval{step}-{i}", ids, sampling)
+    groups = pool.generate([GroupRequest(pool.group_id(f"eval{step}-{i}"), ids, sampling)
                             for i, ids in enumerate(prompt_ids)])
     responses = [s.response_text for g in groups for s in g.samples]
     answers = [r.answer for r, g in zip(records, groups, strict=True) for _ in g.samples]

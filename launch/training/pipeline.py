@@ -77,7 +77,8 @@ class RolloutPipeline:
             samples_per_prompt=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, max_response_tokens=cfg.rollout.max_response_tokens,
             seed=step_seed(cfg.trainer.seed, step, index))
-        groups = [GroupRequest(f"s{step}r{index}g{i}", self.prompt_ids(record), sampling)
+        groups = [GroupRequest(self.pool.group_id(f"s{step}r{index}g{i}"), self.prompt_ids(record),
+                               sampling)
                   for i, record in enumerate(records)]
         round_ = Round(step, index, records, [g.group_id for g in groups], state, time.monotonic())
         self.rounds[(step, index)] = round_

@@ -99,3 +99,12 @@ def test_before_any_push_a_replacement_serves_at_once():
     fake, slot = CatchUpPool(current_version=0, pushed=False), replacement()
     fake.pool._catch_up(slot, loaded=0)
     assert fake.live == [slot] and fake.loads == []
+
+
+def test_a_group_id_is_never_issued_twice():
+    from launch.cluster.rollout_pool import GroupIds
+
+    ids = GroupIds()
+    issued = [ids("s3r0g1") for _ in range(3)] + [ids("eval3-0")]
+    assert len(set(issued)) == len(issued)
+    assert all(i.startswith(("s3r0g1#", "eval3-0#")) for i in issued)

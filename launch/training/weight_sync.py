@@ -71,7 +71,10 @@ class ObjectStoreWeightSync(WeightSync):
         self.pool.push_weights(exports[0], version, self.partial)
         (stats,) = self.pool.wait_refs([self.learners.rank0.last_export_stats.remote()],
                                        self.timeout_s, "learner-0 to report its weight export")
-        self.pool.wait_refs(exports, self.timeout_s, "the learners to export their weights")
+        # Rank 0's export is the model itself, already read by every worker: waiting on it
+        # here would copy the whole model into the driver. The other ranks' exports are
+        # None, and waiting on them surfaces a rank that failed in the gathers.
+        self.pool.wait_refs(exports[1:], self.timeout_s, "the learners to export their weights")
         return SyncReport(version=version, seconds=time.perf_counter() - start,
                           num_tensors=stats[0], num_bytes=stats[1])
 

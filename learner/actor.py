@@ -75,7 +75,7 @@ class Learner:
         self.engine = None
         self.reference = None  # the frozen initial model, when algo.kl_loss_coef > 0
         self.reference_engine = None  # its DeepSpeed engine under ZeRO-3
-        self._export_stats = (0, 0)
+        self._export_stats: tuple[int, int] | None = (0, 0)  # None while an export is unfinished
         self._broadcast = None  # this rank's end of the weight broadcast, once opened
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -239,6 +239,7 @@ class Learner:
 
     def export_weights(self):
         """Full weights on rank 0 (None elsewhere), for the object-store transport."""
+        self._export_stats = None  # until this export is complete
         named = self._full_parameters()
         if self.rank != 0:
             return None
@@ -249,6 +250,10 @@ class Learner:
         return named
 
     def last_export_stats(self) -> tuple[int, int]:
+        """Tensors and bytes of the last export. Called after ``export_weights`` on the same
+        actor, it answers once that export is done, and fails if it failed."""
+        if self._export_stats is None:
+            raise RuntimeError(f"learner-{self.rank}: its last weight export did not complete")
         return self._export_stats
 
     # -- checkpoints ----------------------------------------------------------------------

@@ -66,15 +66,17 @@ class ObjectStoreWeightSync(WeightSync):
         # result is the full state. The object reference goes to the workers as it
         # is, so the driver never downloads the weights.
         exports = self.learners.export_weights_refs()
+        # The export must be whole before any worker is asked to load it: a learner that
+        # died or failed while exporting is the learners' loss, not every worker's. Rank 0
+        # reports its export once done (fails if it failed); the other ranks' exports are
+        # None, and a rank lost in the gathers fails its own. Rank 0's export itself is the
+        # model: waiting on it here would copy the whole model into the driver.
+        (stats, *_) = self.pool.wait_refs(
+            [self.learners.rank0.last_export_stats.remote(), *exports[1:]], self.timeout_s,
+            "the learners to export their weights")
         # Kept while it is current: a replacement worker loads it before serving.
         self.current = (exports[0], version)
         self.pool.push_weights(exports[0], version, self.partial)
-        (stats,) = self.pool.wait_refs([self.learners.rank0.last_export_stats.remote()],
-                                       self.timeout_s, "learner-0 to report its weight export")
-        # Rank 0's export is the model itself, already read by every worker: waiting on it
-        # here would copy the whole model into the driver. The other ranks' exports are
-        # None, and waiting on them surfaces a rank that failed in the gathers.
-        self.pool.wait_refs(exports[1:], self.timeout_s, "the learners to export their weights")
         return SyncReport(version=version, seconds=time.perf_counter() - start,
                           num_tensors=stats[0], num_bytes=stats[1])
 

@@ -61,9 +61,6 @@ class RolloutFleetClient:
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._all("finish_weight_update")
 
-    def shutdown_weight_transfer_engine(self) -> None:
-        self._all("shutdown_weight_transfer_engine")
-
 
 @dataclass
 class _FanOutFields:

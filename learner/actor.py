@@ -223,29 +223,31 @@ class Learner:
         return out
 
     # -- weight export ------------------------------------------------------------------
-    def _full_parameters(self):
-        """(name, tensor) for every parameter, gathered when ZeRO-3 shards them."""
-        import deepspeed
+    def _full_parameters(self, copy: bool) -> list:
+        """(name, tensor) on CPU for every parameter on rank 0 (empty elsewhere), tied ones
+        under every name, as the broadcast sends them. Under ZeRO-3 every rank walks the
+        same layer-by-layer gathers, so no rank holds the whole model gathered at once.
 
-        module = self.engine.module
-        # Tied weights are listed under every name: vLLM's in-place reload only
-        # refreshes the output projection when it receives ``lm_head.weight`` itself.
-        params = list(module.named_parameters(remove_duplicate=False))
-        if self.cfg.zero_stage == 3:
-            unique = list({id(p): p for _, p in params}.values())
-            with deepspeed.zero.GatheredParameters(unique, modifier_rank=None):
-                return [(n, p.detach().clone().cpu()) for n, p in params] if self.rank == 0 else []
-        return [(n, p.detach().cpu()) for n, p in params] if self.rank == 0 else []
+        ``copy``: tensors the caller may keep while training goes on; otherwise the live
+        CPU parameters may be aliased. A gathered layer is always copied: its storage
+        goes back to the shards when the gather ends."""
+        from learner.weight_broadcast import LayerwiseParameters
+
+        zero3 = self.cfg.zero_stage == 3
+        source = LayerwiseParameters(self.engine.module, zero3=zero3)
+        if self.rank != 0:
+            for _ in source:
+                pass
+            return []
+        return [(name, tensor.to("cpu", copy=copy or zero3)) for name, tensor in source]
 
     def export_weights(self):
         """Full weights on rank 0 (None elsewhere), for the object-store transport."""
         self._export_stats = None  # until this export is complete
-        named = self._full_parameters()
+        # Copies: later steps must not change what the workers read.
+        named = self._full_parameters(copy=True)
         if self.rank != 0:
             return None
-        # detach().cpu() aliases the live CPU parameters; copy so later steps cannot
-        # change what the workers read.
-        named = [(n, t.clone()) for n, t in named]
         self._export_stats = (len(named), sum(t.numel() * t.element_size() for _, t in named))
         return named
 
@@ -280,7 +282,7 @@ class Learner:
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        named = self._full_parameters()  # a collective under ZeRO-3: every rank enters
+        named = self._full_parameters(copy=False)  # a collective under ZeRO-3: every rank enters
         if self.rank != 0:
             return None
         hf_logging.disable_progress_bar()
@@ -340,7 +342,6 @@ class Learner:
             # the engines still waiting inside theirs.
             self.close_weight_transfer()
             raise
-        self._export_stats = self._broadcast.sent
         return self._broadcast.sent
 
     def close_weight_transfer(self) -> None:

@@ -138,14 +138,12 @@ class RolloutWorker:
             self.llm.collective_rpc("load_named_tensors", args=(named_tensors,))
         return version
 
-    def begin_weight_update(self, partial: bool = False) -> int:
+    def begin_weight_update(self, partial: bool = False) -> None:
         """Broadcast: park the engine before the learner opens a group or sends weights.
-        An update that a failure left open is abandoned first. Returns the weight version
-        the engine holds."""
+        An update that a failure left open is abandoned first."""
         if self._update_open:
             self.abandon_weight_update()
         self._enter_update(partial)
-        return self.weight_version
 
     def end_weight_update(self, version: int) -> int:
         """Broadcast: the weights are in; record their version and resume."""

@@ -131,7 +131,7 @@ class BroadcastWeightSync(WeightSync):
                 "pause for new weights")
             handles = [slot.handle for slot in receivers]
             try:
-                self._form_group(receivers)
+                self._form_group(receivers, handles)
                 (stats, *_) = self.pool.wait_refs(self.learners.broadcast_weights_refs(),
                                                   self.timeout_s, "the learners to broadcast weights")
             except Exception as err:
@@ -151,8 +151,7 @@ class BroadcastWeightSync(WeightSync):
             return tuple(stats)
         raise AssertionError("unreachable")
 
-    def _form_group(self, receivers: list) -> None:
-        handles = [slot.handle for slot in receivers]
+    def _form_group(self, receivers: list, handles: list) -> None:
         if self.members is not None and len(handles) == len(self.members) and all(
                 a is b for a, b in zip(handles, self.members, strict=True)):
             return

@@ -49,12 +49,17 @@ class TrainerState:
 
     step: int
     weight_version: int
+    # The sampler's position after every draw so far; ``pending_rounds`` lists the rounds
+    # drawn but not yet trained on (step, round index, the sampler state they drew from),
+    # in draw order. Checkpoints written before that field existed hold the position
+    # before the oldest pending round, and no list.
     sampler: dict[str, int]
     num_prompts: int
     learner_world_size: int
     zero_stage: int
     seed: int
     model_path: str = ""
+    pending_rounds: list[dict] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 

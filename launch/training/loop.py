@@ -199,6 +199,7 @@ class Trainer:
         # The rollout workers loaded model.path; they need the restored weights before
         # they generate anything.
         self.sync.push(self.version)
+        self.pipeline.restore(state.pending_rounds)
         self.evaluations.extend(load_eval_results(self.run_dir / "eval.jsonl", up_to_step=state.step))
         log.info("resumed from %s: step %d, weight version %d", resume_from, state.step, self.version)
         return state.step
@@ -223,10 +224,13 @@ class Trainer:
         if newest is not None:
             state = checkpoint.restore(newest, self.learners, self.sampler)
             step, self.version, source = state.step, state.weight_version, str(newest)
+            pending_rounds = state.pending_rounds
         else:  # before the first checkpoint: the start of the run is the newest state
             self.sampler.load_state({"epoch": 0, "position": 0})
             step, self.version, source = 0, 0, f"the start of the run ({self.model_path})"
+            pending_rounds = []
         self.sync.push(self.version)
+        self.pipeline.restore(pending_rounds)
         self.evaluations = [e for e in self.evaluations if e.step <= step]
         took = time.perf_counter() - started
         self._recovery_s += took
@@ -357,9 +361,10 @@ class Trainer:
         """Saves a resumable checkpoint; returns the seconds it took."""
         cfg = self.cfg
         save_start = time.perf_counter()
+        sampler, pending_rounds = self.pipeline.resume_state()
         with self._learner_loss("saving a checkpoint"):
             saved = checkpoint.save(self.checkpoints_dir, checkpoint.TrainerState(
-                step=step, weight_version=self.version, sampler=self.pipeline.sampler_state(),
+                step=step, weight_version=self.version, sampler=sampler, pending_rounds=pending_rounds,
                 num_prompts=len(self.prompts.records), learner_world_size=cfg.learner.num_workers,
                 zero_stage=cfg.learner.zero_stage, seed=cfg.trainer.seed, model_path=self.model_path),
                 self.learners, cfg.trainer.keep_last)

@@ -93,14 +93,30 @@ class RolloutPipeline:
             if (s, 0) not in self.rounds:
                 self._submit_round(s, 0)
 
-    def sampler_state(self) -> dict[str, int]:
-        """Where a resumed run must draw from: before the first round not yet trained on.
+    def resume_state(self) -> tuple[dict[str, int], list[dict]]:
+        """What a checkpoint must hold to replay this run's prompt order exactly:
+        ``(sampler state now, rounds drawn but not yet trained on)``.
 
-        Work in flight is regenerated after a resume; no prompt is skipped or repeated.
+        Rounds are drawn in an order that depends on the run's own history: with staleness
+        ``k >= 1``, round 0 of later steps is drawn before this step's refill rounds. A resume
+        that rewound the sampler to the oldest pending round would draw those refills' prompts
+        a second time, so each pending round is kept with the sampler state it was drawn from,
+        in draw order. Their generations are lost and regenerated.
         """
-        if not self.rounds:
-            return self.sampler.state()
-        return min(self.rounds.values(), key=lambda r: (r.step, r.index)).sampler_state
+        pending = [{"step": r.step, "index": r.index, "sampler": dict(r.sampler_state)}
+                   for r in self.rounds.values()]
+        return self.sampler.state(), pending
+
+    def restore(self, pending: list[dict]) -> None:
+        """Submit again the rounds a checkpoint left pending (``resume_state``), with the
+        prompts they drew then; the sampler then continues where it stood."""
+        after = self.sampler.state()
+        try:
+            for entry in pending:
+                self.sampler.load_state(entry["sampler"])
+                self._submit_round(int(entry["step"]), int(entry["index"]))
+        finally:
+            self.sampler.load_state(after)
 
     def reset(self) -> None:
         """Forget every round (the learners were restored to an earlier step)."""

@@ -138,3 +138,47 @@ def test_hf_export_serves_in_vllm_with_the_learners_greedy_output(runs, tmp_path
                       if a != b]
             assert differ and margins[differ[0]] < 1e-5, (vllm_tokens, hf_tokens)
         assert vllm_tokens
+
+
+# -- dynamic sampling with generation ahead of training ----------------------------------
+
+def dynamic_settings(out: Path, name: str) -> list[str]:
+    return [
+        "trainer.total_steps=4", "trainer.save_every=1", "trainer.keep_last=0",
+        f"trainer.run_name={name}", f"trainer.output_dir={out}", "trainer.eval_every=-1",
+        "data.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_staleness=1",
+        "algorithm.filter_groups=true", "algorithm.max_generation_rounds=8",
+        "rollout.num_workers=1", "learner.num_workers=1", "learner.micro_batch_size=16",
+        "model.tiny.warm_start_steps=0", f"model.cache_dir={out / 'models'}",
+        # Groups of even answers always tie and are dropped; odd ones never tie: every step
+        # needs refill rounds, drawn after the next step's first round.
+        "verifier.reward_fn=toy_rewards:distinct_on_odd_answers", "verifier.truncated_reward=null"]
+
+
+@pytest.fixture(scope="module")
+def dynamic_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dynamic")
+    run_to_end(dynamic_settings(out, "full"), out / "full.log")
+    full = by_step(read_metrics(out / "full"))
+    # A second run continues from the checkpoint of the first step that needed refill
+    # rounds (drawn after the next step's first round), as a resume after a crash would.
+    refilled = [s for s in (1, 2, 3) if full[s]["rollout/generation_rounds"] >= 2]
+    assert refilled, "no step needed a refill round: the run does not test the order"
+    checkpoint_dir = out / "full" / "checkpoints" / f"step_{refilled[0]}"
+    resumed_log = run_to_end([*dynamic_settings(out, "resumed"), f"trainer.resume={checkpoint_dir}"],
+                             out / "resumed.log")
+    return {"full": full, "resumed": by_step(read_metrics(out / "resumed")),
+            "resumed_log": resumed_log, "checkpoint_step": refilled[0], "checkpoint": checkpoint_dir}
+
+
+def test_resume_with_dynamic_sampling_ahead_replays_the_uninterrupted_prompt_order(dynamic_runs):
+    from launch.training import checkpoint
+
+    full, resumed, after = dynamic_runs["full"], dynamic_runs["resumed"], dynamic_runs["checkpoint_step"]
+    assert sorted(resumed) == list(range(after + 1, 5)) and "resumed from" in dynamic_runs["resumed_log"]
+    # The checkpoint kept the round drawn ahead of the refills.
+    state = checkpoint.read_state(dynamic_runs["checkpoint"])
+    assert [(r["step"], r["index"]) for r in state.pending_rounds] == [(after + 1, 0)]
+    for step in range(after + 1, 5):
+        assert resumed[step]["data/prompt_ids_hash"] == full[step]["data/prompt_ids_hash"], step
+        assert resumed[step]["rollout/kept_groups"] == full[step]["rollout/kept_groups"] == 4, step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,26 @@ def reference_deepspeed_config(cfg: LearnerConfig, dtype: str) -> dict[str, Any]
     return config
 
 
+EXPORT_PAUSE_ENV = "LPREG_TEST_PAUSE_EXPORT"
+
+
+def pause_for_fault_tests(export_index: int) -> None:
+    """Where fault tests kill rank 0 in the middle of a weight export, which no signal sent
+    from outside could otherwise hit. With ``LPREG_TEST_PAUSE_EXPORT=<n>:<file>`` the n-th
+    export (from 1) writes ``<file>`` unless it exists and then waits, up to ten minutes,
+    for the test's SIGKILL. Unset, it does nothing."""
+    spec = os.environ.get(EXPORT_PAUSE_ENV)
+    if not spec:
+        return
+    index, _, marker = spec.partition(":")
+    # Once per run: a learner rebuilt after the kill counts its exports from 1 again.
+    if int(index) != export_index or os.path.exists(marker):
+        return
+    with open(marker, "w") as out:
+        out.write(str(os.getpid()))
+    time.sleep(600)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
@@ -76,6 +97,7 @@ class Learner:
         self.reference = None  # the frozen initial model, when algo.kl_loss_coef > 0
         self.reference_engine = None  # its DeepSpeed engine under ZeRO-3
         self._export_stats: tuple[int, int] | None = (0, 0)  # None while an export is unfinished
+        self._exports_started = 0
         self._broadcast = None  # this rank's end of the weight broadcast, once opened
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -244,10 +266,12 @@ class Learner:
     def export_weights(self):
         """Full weights on rank 0 (None elsewhere), for the object-store transport."""
         self._export_stats = None  # until this export is complete
+        self._exports_started += 1
         # Copies: later steps must not change what the workers read.
         named = self._full_parameters(copy=True)
         if self.rank != 0:
             return None
+        pause_for_fault_tests(self._exports_started)
         self._export_stats = (len(named), sum(t.numel() * t.element_size() for _, t in named))
         return named
 

@@ -81,11 +81,12 @@ def leftovers_after_exit(proc: subprocess.Popen, within_s: float = 60) -> list[i
 class Run:
     """``lpreg train`` in the background, with its log in ``log_path``."""
 
-    def __init__(self, args: list[str], run_dir: Path, log_path: Path, timeout_s: float = 1200):
+    def __init__(self, args: list[str], run_dir: Path, log_path: Path, timeout_s: float = 1200,
+                 env: dict[str, str] | None = None):
         self.run_dir, self.log_path = run_dir, log_path
         self.deadline = time.monotonic() + timeout_s
         self._log = log_path.open("w")
-        self.proc = subprocess.Popen(train_command(args), cwd=ROOT, env=environment(),
+        self.proc = subprocess.Popen(train_command(args), cwd=ROOT, env={**environment(), **(env or {})},
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 

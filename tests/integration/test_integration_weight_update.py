@@ -160,3 +160,71 @@ def test_running_requests_finish_under_the_old_weights_and_new_ones_wait_for_the
     assert {s.weight_version for s in groups["running"].samples} == {7}
     assert all(set(s.versions()) == {7} for s in groups["running"].samples)
     assert {s.weight_version for s in groups["arrived-during-update"].samples} == {8}
+
+
+def test_many_interrupts_under_concurrent_polls_lose_no_group(engine):
+    """Partial updates (every running sample interrupted and continued) land over and over
+    while another thread polls as fast as it can and the driver keeps submitting: every
+    group comes back exactly once, whole, each token tagged with the version that wrote it."""
+    import threading
+
+    import ray
+
+    from rollout.types import GroupRequest, SamplingSettings
+
+    worker = engine["worker"]
+    first_version = 100
+    ray.get(worker.begin_weight_update.remote(False), timeout=60)
+    ray.get(worker.end_weight_update.remote(first_version), timeout=60)
+
+    received: list = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def poll_forever():
+        try:
+            while not stop.is_set():
+                received.extend(ray.get(worker.poll.remote(0.005), timeout=60).finished)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    poller = threading.Thread(target=poll_forever)
+    poller.start()
+    submitted: set[str] = set()
+    version = first_version
+    try:
+        for wave in range(6):
+            groups = [GroupRequest(f"stress-{wave}-{i}", [1, 2, 3 + i % 5], SamplingSettings(
+                samples_per_prompt=2, temperature=1.0, top_p=1.0, max_response_tokens=24,
+                seed=wave * 100 + i)) for i in range(6)]
+            ray.get(worker.submit.remote(groups), timeout=60)
+            submitted |= {g.group_id for g in groups}
+            for _ in range(4):
+                time.sleep(0.02)
+                version += 1
+                ray.get(worker.begin_weight_update.remote(True), timeout=60)
+                ray.get(worker.end_weight_update.remote(version), timeout=60)
+        deadline = time.monotonic() + 180
+        while {g.group_id for g in received} != submitted and time.monotonic() < deadline \
+                and not errors:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        poller.join(timeout=120)
+    assert not errors, errors
+    ids = [g.group_id for g in received]
+    assert len(ids) == len(set(ids)), "a group came back twice"
+    assert set(ids) == submitted, f"lost: {sorted(submitted - set(ids))}"
+    interrupted = 0
+    for group in received:
+        assert len(group.samples) == 2, group.group_id
+        for sample in group.samples:
+            versions = sample.versions()
+            assert len(versions) == len(sample.response_token_ids) == len(sample.response_logprobs)
+            if not versions:
+                continue
+            assert versions == sorted(versions) and first_version <= versions[0] <= version
+            assert sample.weight_version == versions[0]
+            interrupted += len(set(versions)) > 1
+    # The updates really cut into running responses.
+    assert interrupted > 0

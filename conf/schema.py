@@ -17,6 +17,7 @@ ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3")
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+LP_REG_THRESHOLD_SCOPES = ("batch", "micro_batch")
 STALE_POLICIES = ("auto", "learner", "behaviour")
 SYNTHETIC_KINDS = ("sum", "linear", "fraction")
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
@@ -240,6 +241,12 @@ class AlgorithmConfig:
     epochs_per_step: int = within(1, ge=1)
     lp_reg_neg_frac: float = within(0.01, ge=0, le=1)  # rho
     lp_reg_pos_frac: float = within(0.0, ge=0, le=1)
+    # Where rho is taken. "batch": over the whole mini-batch (every micro-batch and learner
+    # rank), by pi_old's log-probs, as the paper defines it: the regularised tokens do not
+    # depend on micro_batch_size, max_tokens_per_micro_batch or the number of learners.
+    # "micro_batch": the lowest current log-probs of each micro-batch, as the authors' code
+    # does; reproduces its numbers exactly.
+    lp_reg_threshold_scope: str = one_of("batch", LP_REG_THRESHOLD_SCOPES)
     lp_reg_coef: float = within(1.0, ge=0)  # beta
     lp_reg_min_p: float = within(0.02, gt=0, lt=1)  # kappa
     lp_reg_temperature: float = within(1.0, gt=0)

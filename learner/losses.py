@@ -8,11 +8,24 @@ it cleans the padding, applies the rollout correction (``learner.rollout_correct
 calls the loss, aggregates with ``aggregate_loss`` and adds the entropy bonus and the KL to
 a reference policy, which combine with any of them.
 
-Lp-Reg (Huang et al., 2025). Among valid tokens with negative advantage, take the
-``k = floor(neg_frac * N_neg)`` tokens with the lowest current log-prob (only when k >= 2),
-and keep those the min-p proxy rates *higher* than the policy does (``log_prob <
-proxy_log_prob``; a token the filter removed has proxy -inf and never qualifies). Those
-tokens get
+Lp-Reg (Huang et al., 2025). Among valid tokens with negative advantage, select the
+lowest-probability share ``neg_frac`` (rho; ``k = floor(neg_frac * N_neg)`` tokens, and none
+when k < 2), and keep those the min-p proxy rates *higher* than the policy does
+(``log_prob < proxy_log_prob``; a token the filter removed has proxy -inf and never
+qualifies). Where rho is taken (``algorithm.lp_reg_threshold_scope``):
+
+- ``batch`` (the default, the paper's definition): over the whole mini-batch, every
+  micro-batch and learner rank. The caller computes one threshold tau per mini-batch
+  before its first backward: the k-th lowest of pi_old's log-probs over the mini-batch's
+  candidates (``LossInputs.select_log_prob``), with k and N counted over the mini-batch. A
+  token is selected when its pi_old log-prob is <= tau, so the selected set does not
+  depend on how the mini-batch is cut into micro-batches or shared out over ranks (ties at
+  tau are all selected). pi_old, not the current policy, because it is known before the
+  first micro-batch trains and does not move while the mini-batch's micro-batches run.
+- ``micro_batch`` (the authors' code): the k tokens with the lowest *current* log-prob of
+  each call, k and N counted per call; then the set depends on the micro-batch layout.
+
+Those tokens get
 
     -A * r + kl_coef * KL(proxy || pi_theta),     r = exp(log_prob - old_log_prob) unclipped,
 
@@ -37,8 +50,10 @@ from learner.rollout_correction import rollout_correction
 __all__ = [
     "AGG_MODES",
     "KL_TYPES",
+    "LP_REG_THRESHOLD_SCOPES",
     "POLICY_LOSSES",
     "LossInputs",
+    "LpRegThreshold",
     "PolicyTerms",
     "aggregate_loss",
     "clip_cov_loss",
@@ -46,7 +61,10 @@ __all__ = [
     "gspo_loss",
     "kl_cov_loss",
     "kl_penalty",
+    "lp_reg_k",
     "lp_reg_loss",
+    "lp_reg_selection",
+    "lp_reg_threshold",
     "masked_mean",
     "policy_loss",
     "ppo_clip_loss",
@@ -54,6 +72,7 @@ __all__ = [
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3")
+LP_REG_THRESHOLD_SCOPES = ("batch", "micro_batch")
 
 LOW_PROB = 0.1  # actor/low_prob_frac counts sampled tokens below this probability
 # Metrics that count tokens: summed over micro-batches, epochs and ranks instead of averaged.
@@ -149,17 +168,23 @@ def _no_tokens(like: Tensor) -> Tensor:
     return torch.zeros(like.shape, dtype=torch.bool, device=like.device)
 
 
-def _lowest_frac(values: Tensor, candidates: Tensor, frac: float) -> Tensor:
-    """The ``floor(frac * N)`` candidates with the lowest value, or none when that is < 2."""
+def lp_reg_k(num_candidates: int, frac: float) -> int:
+    """Lp-Reg's selection size ``floor(frac * N)``, the reference's rounding; 0 (off) when < 2."""
+    k = int(num_candidates * frac) if frac > 0 else 0
+    return k if k >= 2 else 0
+
+
+def _lowest_frac(values: Tensor, candidates: Tensor, frac: float) -> tuple[Tensor, Tensor | None]:
+    """The ``floor(frac * N)`` candidates with the lowest value (none when that is < 2), and
+    the highest value among them (None when none)."""
     selected = _no_tokens(candidates)
-    if frac <= 0:
-        return selected
-    k = int(int(candidates.sum().item()) * frac)  # same rounding as the reference
-    if k < 2:
-        return selected
+    k = lp_reg_k(int(candidates.sum().item()), frac)
+    if k == 0:
+        return selected, None
     scores = values.detach().masked_fill(~candidates, math.inf).reshape(-1)
-    selected.view(-1)[scores.topk(k, largest=False).indices] = True
-    return selected
+    lowest = scores.topk(k, largest=False)
+    selected.view(-1)[lowest.indices] = True
+    return selected, lowest.values.max()
 
 
 def _highest_count(values: Tensor, candidates: Tensor, k: int) -> Tensor:
@@ -175,6 +200,28 @@ def _centred_cov(advantages: Tensor, log_prob: Tensor, valid: Tensor) -> Tensor:
     """Per-token covariance term (A - mean A)(log p - mean log p) over valid tokens (Cui et al., 2025)."""
     lp = log_prob.detach()
     return (advantages - masked_mean(advantages, valid)) * (lp - masked_mean(lp, valid))
+
+
+@dataclass(frozen=True)
+class LpRegThreshold:
+    """Lp-Reg's batch-scope thresholds tau, as log-probs, one per advantage sign: a candidate
+    of that sign is selected when its ``select_log_prob`` is <= tau. None: that side selects
+    nothing (its fraction is 0, or k < 2)."""
+
+    neg: float | None = None
+    pos: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        sides = (("lp_reg/threshold", self.neg), ("lp_reg/threshold_pos", self.pos))
+        return {name: tau for name, tau in sides if tau is not None}
+
+
+def lp_reg_threshold(values: Tensor, candidates: Tensor, frac: float) -> float | None:
+    """tau over one set of tokens: the k-th lowest of ``values`` among ``candidates``,
+    ``k = floor(frac * N)``; None when k < 2."""
+    chosen = values.detach()[candidates.bool()]
+    k = lp_reg_k(chosen.numel(), frac)
+    return float(chosen.kthvalue(k).values) if k else None
 
 
 @dataclass
@@ -197,6 +244,11 @@ class LossInputs:
     rollout_log_prob: Tensor | None = None
     # A frozen reference policy's log-probs; needed when algorithm.kl_loss_coef > 0.
     ref_log_prob: Tensor | None = None
+    # Lp-Reg, batch scope: the log-probs the threshold ranks tokens by, pi_old's as known
+    # before the mini-batch trains (None: old_log_prob), and the mini-batch's threshold
+    # (None: computed over this call's tokens, as when the call is the whole mini-batch).
+    select_log_prob: Tensor | None = None
+    lp_reg_threshold: LpRegThreshold | None = None
 
     @property
     def valid(self) -> Tensor:
@@ -228,6 +280,36 @@ def ppo_clip_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
     return PolicyTerms(pg_losses, {"actor/pg_clipfrac": masked_mean(clipped, x.valid)})
 
 
+def lp_reg_selection(x: LossInputs, algo: AlgorithmConfig) -> tuple[Tensor, dict[str, float | Tensor | None]]:
+    """Lp-Reg's step 2, before the proxy test: the selected tokens of each advantage sign, and
+    the threshold each side used (``threshold`` for A < 0, ``threshold_pos`` for A > 0; None
+    where a side selects nothing). See the module's docstring for the two scopes."""
+    valid, advantages = x.valid, x.advantages
+    sides = {"threshold": (valid & (advantages < 0), algo.lp_reg_neg_frac),
+             "threshold_pos": (valid & (advantages > 0), algo.lp_reg_pos_frac)}
+    selected = _no_tokens(valid)
+    thresholds: dict[str, float | Tensor | None] = {}
+    if algo.lp_reg_threshold_scope == "micro_batch":
+        for name, (candidates, frac) in sides.items():
+            chosen, thresholds[name] = _lowest_frac(x.log_prob, candidates, frac)
+            selected |= chosen
+    elif algo.lp_reg_threshold_scope == "batch":
+        values = (x.old_log_prob if x.select_log_prob is None else x.select_log_prob).detach()
+        given = x.lp_reg_threshold
+        for name, (candidates, frac) in sides.items():
+            if given is None:  # this call is the whole mini-batch
+                tau = lp_reg_threshold(values, candidates, frac)
+            else:
+                tau = given.neg if name == "threshold" else given.pos
+            thresholds[name] = tau
+            if tau is not None:
+                selected |= candidates & (values <= tau)
+    else:
+        raise ValueError(f"unknown lp_reg_threshold_scope {algo.lp_reg_threshold_scope!r}; "
+                         f"choose from {LP_REG_THRESHOLD_SCOPES}")
+    return selected, thresholds
+
+
 def lp_reg_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
     """Lp-Reg: PPO-clip, except that selected low-probability tokens get -A r + beta KL(proxy || pi)."""
     if x.proxy_log_prob is None:
@@ -237,8 +319,7 @@ def lp_reg_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
     pg_losses, clipped = _clipped_surrogate(advantages, ratio, algo.clip_ratio_low, algo.clip_ratio_high)
     proxy = x.proxy_log_prob
     # Step 2: the lowest-probability fraction of each advantage sign ...
-    selected = _lowest_frac(log_prob, valid & (advantages < 0), algo.lp_reg_neg_frac)
-    selected |= _lowest_frac(log_prob, valid & (advantages > 0), algo.lp_reg_pos_frac)
+    selected, thresholds = lp_reg_selection(x, algo)
     # ... that the proxy says are more likely than the policy thinks (never filtered tokens).
     regularized = selected & (log_prob.detach() < proxy)
     # Step 3: unclipped surrogate + KL to the proxy. Elsewhere the proxy is replaced by
@@ -247,14 +328,23 @@ def lp_reg_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
     proxy_kl = kl_penalty(log_prob, safe_proxy, algo.kl_type)
     pg_losses = torch.where(regularized, -advantages * ratio + algo.lp_reg_coef * proxy_kl, pg_losses)
     zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
-    return PolicyTerms(pg_losses, {
+    metrics = {
         "actor/pg_clipfrac": masked_mean(clipped, valid),
         "lp_reg/selected_frac": masked_mean(selected, valid),
         "lp_reg/regularized_frac": masked_mean(regularized, valid),
         "lp_reg/regularized_tokens": regularized.sum().to(log_prob.dtype),
         "lp_reg/proxy_kl": (torch.where(regularized, proxy_kl.detach(), zero).sum()
                             / regularized.sum().clamp(min=1)),
-    })
+    }
+    # tau as a log-prob, where a side selects and this call chose it (the k-th lowest current
+    # log-prob per call for micro_batch scope). A given mini-batch threshold is the caller's
+    # to log, once per mini-batch: a mean over calls would weigh mini-batches by their
+    # micro-batch counts.
+    if x.lp_reg_threshold is None or algo.lp_reg_threshold_scope != "batch":
+        for name, tau in thresholds.items():
+            if tau is not None:
+                metrics[f"lp_reg/{name}"] = torch.as_tensor(tau, dtype=log_prob.dtype, device=log_prob.device)
+    return PolicyTerms(pg_losses, metrics)
 
 
 def gspo_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
@@ -361,9 +451,11 @@ def policy_loss(
     ``global_num_tokens`` / ``global_num_seqs``: totals over all micro-batches and ranks (see
     ``aggregate_loss``), so that the per-call losses add up to the loss of the whole batch.
 
-    Selections (Lp-Reg's percentile, KL-Cov, Clip-Cov, 80/20) run over the valid tokens of
-    this call. Returns ``(loss, metrics)``; metrics are detached 0-d tensors (call
-    ``float()`` to log them), computed over this call's valid tokens.
+    Selections (KL-Cov, Clip-Cov, 80/20, and Lp-Reg's percentile with
+    ``lp_reg_threshold_scope=micro_batch``) run over the valid tokens of this call; Lp-Reg's
+    batch scope uses ``inputs.lp_reg_threshold``, the mini-batch's, when given. Returns
+    ``(loss, metrics)``; metrics are detached 0-d tensors (call ``float()`` to log them),
+    computed over this call's valid tokens.
     """
     try:
         loss_fn = POLICY_LOSSES[name]
@@ -387,6 +479,11 @@ def policy_loss(
         proxy_log_prob=None if inputs.proxy_log_prob is None else inputs.proxy_log_prob.detach().to(dtype),
         rollout_log_prob=clean(None if inputs.rollout_log_prob is None else inputs.rollout_log_prob.detach()),
         ref_log_prob=clean(None if inputs.ref_log_prob is None else inputs.ref_log_prob.detach()),
+        # In its own dtype: the threshold was taken on these very values, and a cast could
+        # move a token across it.
+        select_log_prob=None if inputs.select_log_prob is None else torch.where(
+            valid, inputs.select_log_prob.detach(), torch.zeros((), dtype=inputs.select_log_prob.dtype,
+                                                                device=device)),
     )
     correction_mode = algo.rollout_correction
     if correction_mode != "none" and x.rollout_log_prob is None:

@@ -14,6 +14,26 @@ have generated (asynchronous training):
   its top-K log-probs (computed in ``build_train_batch``). Never an extra pass, on- or
   off-policy; the ratio ``pi_theta / pi_behaviour`` then carries the whole staleness, and a
   rollout correction (``pi_old / pi_behaviour = 1``) does nothing.
+
+Lp-Reg's batch-scope threshold (``algorithm.lp_reg_threshold_scope=batch``) is fixed once
+per mini-batch, before its first micro-batch trains (``mini_batch_lp_reg_threshold``), from
+the log-probs of pi_old known by then (``select_log_probs``):
+
+- off-policy with the learner's policy: the no-grad pass's, which runs for every
+  micro-batch before any training;
+- the behaviour policy: vLLM's, which are pi_old;
+- on-policy with the learner's policy: vLLM's too. pi_old is then the training pass's own
+  detached log-prob, known only micro-batch by micro-batch, after the threshold is needed;
+  the other ways to get it are an extra no-grad pass over the mini-batch (the cost the
+  fast path exists to avoid) or holding every micro-batch's graph until the last forward
+  (the memory micro-batches exist to bound). vLLM sampled with those very weights
+  (lock-step), so its log-probs are pi_old's up to the engines' numerical gap, which
+  ``rollout/logprob_mismatch_k3`` shows; with stale samples they are the generating policy's.
+
+Ranks agree on it through two small collectives (``torch.distributed``, the group DeepSpeed
+opened): the candidate counts are summed, then every rank's k lowest candidates are
+gathered, whose k-th lowest is the mini-batch's. The token-mean denominators need none:
+the driver plans them (``LearnerShard.global_num_tokens``).
 """
 
 from __future__ import annotations
@@ -25,7 +45,7 @@ import torch
 
 from conf.schema import AlgorithmConfig
 from learner.batch import LearnerShard, TrainBatch, uses_behaviour_proxy
-from learner.losses import COUNT_METRICS
+from learner.losses import COUNT_METRICS, LpRegThreshold, lp_reg_k
 from learner.token_stats import TokenStats, head_token_stats, token_stats
 
 STALE_POLICIES = ("learner", "behaviour")
@@ -133,6 +153,69 @@ def fill_reference_log_probs(reference: torch.nn.Module, micro: TrainBatch, temp
         compute_entropy=False, logits_chunk_tokens=logits_chunk_tokens).log_prob
 
 
+def select_log_probs(micro: TrainBatch, on_policy: bool, behaviour: bool) -> torch.Tensor:
+    """The log-probs Lp-Reg's batch-scope threshold ranks this micro-batch's tokens by: pi_old's,
+    as known before the mini-batch trains (see the module's docstring)."""
+    if on_policy or behaviour:
+        return micro.rollout_log_probs
+    return micro.old_log_probs
+
+
+def _distributed(world_size: int) -> bool:
+    if world_size == 1:
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(f"world_size={world_size}, but no torch.distributed process group: Lp-Reg's "
+                           "batch-scope threshold is agreed between the ranks")
+    return True
+
+
+def mini_batch_lp_reg_threshold(mini: list[TrainBatch], values: list[torch.Tensor],
+                                algo: AlgorithmConfig, world_size: int) -> LpRegThreshold:
+    """Lp-Reg's thresholds over a whole mini-batch: ``mini`` is this rank's micro-batches,
+    ``values`` their ``select_log_probs``. For each advantage sign, N counts the valid
+    tokens of that sign over every micro-batch and rank, ``k = floor(frac * N)``, and tau is
+    the k-th lowest of their values. Every rank must call it, with the same ``algo``.
+
+    Exact across ranks: the k lowest of the mini-batch are among the union of every rank's
+    k lowest, so each rank sends k values (+inf where it has fewer), not its candidates.
+    """
+    sides = [(algo.lp_reg_neg_frac, -1.0), (algo.lp_reg_pos_frac, 1.0)]
+    if all(frac <= 0 for frac, _ in sides):
+        return LpRegThreshold()
+    # Sorting in at least float32 is exact, and bf16 has no sort on every device.
+    device, dtype = values[0].device, torch.promote_types(values[0].dtype, torch.float32)
+    candidates = []
+    for _, sign in sides:
+        candidates.append(torch.cat([
+            v[(m.response_mask > 0) & (sign * m.advantages[:, None] > 0)].to(dtype)
+            for m, v in zip(mini, values, strict=True)]))
+    distributed = _distributed(world_size)
+    counts = torch.tensor([c.numel() for c in candidates], dtype=torch.long, device=device)
+    if distributed:
+        torch.distributed.all_reduce(counts)
+    ks = [lp_reg_k(int(n), frac) for n, (frac, _) in zip(counts.tolist(), sides, strict=True)]
+    if not any(ks):
+        return LpRegThreshold()
+    lowest = torch.full((sum(ks),), torch.inf, dtype=dtype, device=device)
+    start = 0
+    for c, k in zip(candidates, ks, strict=True):
+        mine = c.sort().values[:k]
+        lowest[start:start + mine.numel()] = mine
+        start += k
+    if distributed:
+        gathered = [torch.empty_like(lowest) for _ in range(world_size)]
+        torch.distributed.all_gather(gathered, lowest)
+    else:
+        gathered = [lowest]
+    lowest = torch.stack(gathered)  # (ranks, sum of k)
+    taus, start = [], 0
+    for k in ks:
+        taus.append(float(lowest[:, start:start + k].reshape(-1).kthvalue(k).values) if k else None)
+        start += k
+    return LpRegThreshold(neg=taus[0], pos=taus[1])
+
+
 def mismatch_metrics(learner_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
                      mask: torch.Tensor, staleness: torch.Tensor | None = None) -> dict[str, float]:
     """How far the rollout engine's log-probs are from the learner's for the same tokens.
@@ -205,6 +288,12 @@ def train_on_shard(
                 fill_reference_log_probs(reference, micro, temperature, logits_chunk_tokens)
     # The proxy from the training pass itself: the on-policy fast path with the learner's policy.
     proxy_in_pass = on_policy and not behaviour and needs_proxy(algo)
+    # Lp-Reg's batch-scope thresholds, one per mini-batch, now that pi_old is known for all
+    # of them; fixed for every epoch.
+    select = [[select_log_probs(micro, on_policy, behaviour) for micro in mini] for mini in padded]
+    thresholds = [mini_batch_lp_reg_threshold(mini, values, algo, world_size)
+                  if algo.loss == "lp_reg" and algo.lp_reg_threshold_scope == "batch" else None
+                  for mini, values in zip(padded, select, strict=True)]
 
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -217,6 +306,8 @@ def train_on_shard(
     for epoch in range(algo.epochs_per_step):
         for mini_index, (mini, num_tokens, num_seqs) in enumerate(zip(
                 padded, shard.global_num_tokens, shard.global_num_seqs, strict=True)):
+            if thresholds[mini_index] is not None:
+                record(thresholds[mini_index].metrics())
             for index, micro in enumerate(mini):
                 stats = response_token_stats(
                     model, micro, temperature=temperature,
@@ -234,7 +325,9 @@ def train_on_shard(
                 inputs = LossInputs(stats.log_prob, old_log_prob, advantages, micro.response_mask,
                                     proxy_log_prob=proxy, entropy=stats.entropy,
                                     rollout_log_prob=micro.rollout_log_probs,
-                                    ref_log_prob=micro.ref_log_probs)
+                                    ref_log_prob=micro.ref_log_probs,
+                                    select_log_prob=select[mini_index][index],
+                                    lp_reg_threshold=thresholds[mini_index])
                 loss, metrics = policy_loss(algo.loss, inputs, algo, global_num_tokens=num_tokens,
                                             global_num_seqs=num_seqs)
                 # DeepSpeed averages gradients over ranks; the loss is already a share of

@@ -59,7 +59,8 @@ def test_every_kind_of_key_is_covered():
                      "learner.lr_scheduler", "trainer.total_steps", "rollout.temperature",
                      "rollout.top_p", "algorithm.lp_reg_min_p", "algorithm.lp_reg_neg_frac",
                      "learner.lr", "rollout.timeout_s", "rollout.num_workers", "learner.num_workers",
-                     "verifier.timeout_s", "learner.max_tokens_per_micro_batch"):
+                     "verifier.timeout_s", "learner.max_tokens_per_micro_batch",
+                     "algorithm.lp_reg_threshold_scope"):
         assert expected in keys, expected
     assert len(BAD_VALUES) > 80
 
@@ -118,12 +119,13 @@ def test_defaults_and_every_shipped_recipe_pass():
 
 def test_choice_lists_equal_the_implementations():
     # conf names the choices without importing the code that implements them.
-    from conf.schema import ROLLOUT_CORRECTIONS, STALE_POLICIES
+    from conf.schema import LP_REG_THRESHOLD_SCOPES, ROLLOUT_CORRECTIONS, STALE_POLICIES
     from launch.data.synthetic import SYNTHETIC_TASKS
     from launch.training.weight_sync import TRANSPORTS
     from learner import ADVANTAGE_ESTIMATORS as estimators
     from learner import AGG_MODES
     from learner import KL_TYPES as kl_types
+    from learner import LP_REG_THRESHOLD_SCOPES as threshold_scopes
     from learner import POLICY_LOSSES as losses
     from learner.rollout_correction import ROLLOUT_CORRECTIONS as corrections
     from learner.schedule import LR_SCHEDULERS as schedulers
@@ -139,6 +141,7 @@ def test_choice_lists_equal_the_implementations():
     assert set(LR_SCHEDULERS) == set(schedulers)
     assert set(ROLLOUT_CORRECTIONS) == set(corrections)
     assert set(STALE_POLICIES) == {"auto", *stale_policies}
+    assert set(LP_REG_THRESHOLD_SCOPES) == set(threshold_scopes)
 
 
 def test_a_new_user_gets_the_refusal_at_once_from_the_command_line(tmp_path):

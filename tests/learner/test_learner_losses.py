@@ -259,14 +259,16 @@ def test_positive_side_when_enabled():
 
 
 def test_selection_needs_at_least_two_tokens():
+    # The reference's rule: exactly k tokens, ties at the k-th broken by position.
+    scope = {"lp_reg_threshold_scope": "micro_batch"}
     log_prob = leaf([-5.0] + [-0.1] * 149)  # N_neg = 150, rho = 0.01 -> k = 1 -> off
     adv = t([-1.0] * 150)
     _, m = loss_of("lp_reg", log_prob, log_prob.detach(), adv, torch.ones(1, 150),
-                       proxy_log_prob=torch.zeros(1, 150, dtype=F64))
+                       proxy_log_prob=torch.zeros(1, 150, dtype=F64), **scope)
     assert m["lp_reg/selected_frac"].item() == 0.0
     log_prob = leaf([-5.0] + [-0.1] * 199)  # N_neg = 200 -> k = 2
     _, m = loss_of("lp_reg", log_prob, log_prob.detach(), t([-1.0] * 200), torch.ones(1, 200),
-                       proxy_log_prob=torch.zeros(1, 200, dtype=F64))
+                       proxy_log_prob=torch.zeros(1, 200, dtype=F64), **scope)
     assert m["lp_reg/selected_frac"].item() == pytest.approx(2 / 200)
     assert m["lp_reg/regularized_frac"].item() == pytest.approx(2 / 200)
     assert m["lp_reg/regularized_tokens"].item() == 2
@@ -305,11 +307,13 @@ def test_rho_zero_equals_ppo_clip_exactly(mode):
 
 
 def test_lp_reg_matches_a_direct_per_token_reference():
-    """Random batch, loop-by-loop restatement of DESIGN's steps 2 and 3."""
+    """Random batch, loop-by-loop restatement of DESIGN's steps 2 and 3 (the reference's
+    per-micro-batch selection by the current log-prob)."""
     log_prob, old, adv, mask, proxy, _ = random_batch(seed=4, batch=8, length=50)
     rho, beta, lo, hi = 0.1, 0.7, 0.2, 0.28
     loss, m = loss_of("lp_reg", log_prob, old, adv, mask, proxy_log_prob=proxy,
-                          lp_reg_neg_frac=rho, lp_reg_coef=beta, clip_ratio_low=lo, clip_ratio_high=hi)
+                          lp_reg_neg_frac=rho, lp_reg_coef=beta, clip_ratio_low=lo, clip_ratio_high=hi,
+                          lp_reg_threshold_scope="micro_batch")
     lp = log_prob.detach()
     neg = [(lp[i, j].item(), i, j) for i in range(8) for j in range(50) if mask[i, j] and adv[i, j] < 0]
     k = int(len(neg) * rho)

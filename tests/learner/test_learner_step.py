@@ -67,8 +67,8 @@ def assert_same(a, b, atol):
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_two_ranks_with_micro_batches_match_one_full_batch(agg):
-    # (Lp-Reg selects its tokens per micro-batch, as the reference does, so its
-    # gradient legitimately depends on the micro-batch split; the surrogate must not.)
+    # (Lp-Reg's per-micro-batch scope, the reference's, legitimately depends on the
+    # micro-batch split; the surrogate must not. Its batch scope: test_learner_lp_reg_threshold.)
     model, batch = tiny_model(), make_batch()
     algo = AlgorithmConfig(loss="ppo_clip", loss_agg_mode=agg)
     whole = run(model, batch, algo, num_ranks=1, micro_batch_size=8)
@@ -105,10 +105,11 @@ def test_float32_paths_give_the_loss_and_gradients_of_one_whole_batch(num_ranks,
 @pytest.mark.parametrize("loss", ["lp_reg", "kl_cov", "clip_cov", "entropy_8020", "ppo_clip"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_chunked_logits_match_full_logits_for_every_loss(loss, temperature):
-    """Same micro-batches, so even the per-micro-batch selections must agree."""
+    """Same micro-batches, so even the per-micro-batch selections must agree. (Two ranks
+    simulated in one process: Lp-Reg's batch scope would need a real process group.)"""
     model, batch = tiny_model(torch.float32, vocab=48), make_batch(torch.float32, vocab=48, max_response=12)
     algo = AlgorithmConfig(loss=loss, lp_reg_neg_frac=0.3, lp_reg_min_p=0.05, kl_cov_ratio=0.1,
-                           clip_cov_ratio=0.0, entropy_coef=0.01)
+                           clip_cov_ratio=0.0, entropy_coef=0.01, lp_reg_threshold_scope="micro_batch")
     full = run(model, batch, algo, 2, max_tokens=40, temperature=temperature)
     chunked = run(model, batch, algo, 2, max_tokens=40, chunk=3, temperature=temperature)
     assert_same(full, chunked, atol=1e-6)

@@ -167,6 +167,12 @@ def top_k_proxy_log_prob(
     the normaliser when kept. Those are the low-probability tokens at uncertain positions
     that Lp-Reg protects.
 
+    Under ``rollout.top_p < 1`` the log-probs are of vLLM's top-p set, renormalised (a
+    constant shift per position, which ``l_i - l_max`` cancels), and a listed token outside
+    the set reads -inf: it counts as filtered, and a list that holds one holds every token
+    the set kept. The proxy is then the min-p filter within the top-p set, as the learner's
+    own is (``learner.token_stats``).
+
     The approximation: other tokens outside the list are treated as filtered (without
     ``sampled_log_probs`` an unlisted sampled token gets -inf), and the normaliser sums
     over the kept tokens it knows of only.

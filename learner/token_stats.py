@@ -6,6 +6,15 @@
 - ``entropy``: entropy of the sampling distribution, with grad (entropy bonus, 80/20, metric);
 - ``proxy_log_prob``: the Lp-Reg min-p proxy of the same logits, detached.
 
+With ``top_p < 1`` the policy *is* vLLM's sampling distribution: temperature, then the top-p
+set (``learner.top_p``), renormalised. All three outputs are of it: the log-prob and entropy
+over the kept set, and the proxy is that distribution with min-p noise removed (the min-p
+test compares each token with the most likely one, which renormalising does not change, so
+its kept set is min-p's intersected with top-p's). That is also what the behaviour proxy
+reads from vLLM's top-K log-probs, where tokens outside the set are listed at -inf. The kept
+set is chosen without gradient; the gradient is the softmax's over the kept logits, and zero
+on the others. The default ``top_p == 1`` takes none of these steps.
+
 On the on-policy fast path the old log-probs are ``log_prob.detach()`` and the proxy comes
 from the same logits, so Lp-Reg costs no extra forward pass.
 
@@ -24,6 +33,7 @@ starts from the final hidden states instead and runs the output projection and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +46,7 @@ from learner.proxy import (
     iter_chunks,
     proxy_from_shifted,
 )
+from learner.top_p import top_p_cut, top_p_floor, top_p_keep
 
 __all__ = ["TokenStats", "head_token_stats", "token_stats"]
 
@@ -55,21 +66,36 @@ def _forward(
     kappa: float | None,
     proxy_temperature: float,
     chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Chunked pass: returns flat (log_prob, lse, entropy, proxy); lse is of logits / T."""
+    cut: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Chunked pass: returns flat (log_prob, lse, entropy, proxy, floor); lse is of logits / T.
+
+    ``cut``: ``top_p_cut(top_p)``, or None for no top-p; ``floor`` (None without top-p) is
+    each position's top-p floor, what the backward needs to form the same kept set.
+    """
     dtype = compute_dtype(logits.dtype)
     n = ids.numel()
     new = {"dtype": dtype, "device": logits.device}
     log_prob, lse = torch.empty(n, **new), torch.empty(n, **new)
     entropy = torch.empty(n, **new) if compute_entropy else None
     proxy = torch.empty(n, **new) if kappa is not None else None
+    floor = torch.empty(n, **new) if cut is not None else None
+    keep = None
     for chunk, start, stop in iter_chunks(logits, chunk_size):
         tok = ids[start:stop]
         # At T = 1 the subtraction itself promotes bf16/fp16 logits: no float32 copy of the chunk.
         x = chunk if temperature == 1.0 else chunk.to(dtype) / temperature
+        if cut is not None:
+            # vLLM forms the set from float32 logits / T; the largest is always kept, so
+            # the row maximum below is the kept set's too.
+            x = x.to(dtype)
+            floor[start:stop] = top_p_floor(x, cut)
+            keep = top_p_keep(x, floor[start:stop], tok)
         row_max = x.amax(-1, keepdim=True).to(dtype)
         shifted = x - row_max
         exp_shifted = shifted.exp()
+        if keep is not None:
+            exp_shifted.masked_fill_(~keep, 0.0)
         log_norm = exp_shifted.sum(-1).log()  # log sum exp(x - max)
         lse[start:stop] = row_max.squeeze(-1) + log_norm
         log_prob[start:stop] = shifted.gather(-1, tok[:, None]).squeeze(-1) - log_norm
@@ -79,6 +105,9 @@ def _forward(
             entropy[start:stop] = log_norm - expected
         if proxy is not None:
             if temperature == 1.0:
+                if keep is not None:
+                    # Outside the top-p set: no weight in the proxy either.
+                    shifted = shifted.masked_fill_(~keep, -math.inf)
                 # exp_shifted is no longer needed: the proxy may overwrite it.
                 proxy[start:stop] = proxy_from_shifted(
                     shifted, tok, kappa, proxy_temperature, exp_shifted
@@ -86,19 +115,22 @@ def _forward(
             else:
                 # The min-p threshold is at temperature 1.
                 raw_shifted = chunk - chunk.amax(-1, keepdim=True).to(dtype)
+                if keep is not None:
+                    raw_shifted = raw_shifted.masked_fill_(~keep, -math.inf)
                 proxy[start:stop] = proxy_from_shifted(raw_shifted, tok, kappa, proxy_temperature)
-    return log_prob, lse, entropy, proxy
+    return log_prob, lse, entropy, proxy, floor
 
 
 class _TokenStatsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ids, temperature, compute_entropy, kappa, proxy_temperature, chunk_size):
-        log_prob, lse, entropy, proxy = _forward(
-            logits, ids, temperature, compute_entropy, kappa, proxy_temperature, chunk_size
+    def forward(ctx, logits, ids, temperature, compute_entropy, kappa, proxy_temperature, chunk_size,
+                cut):
+        log_prob, lse, entropy, proxy, floor = _forward(
+            logits, ids, temperature, compute_entropy, kappa, proxy_temperature, chunk_size, cut
         )
         ctx.set_materialize_grads(False)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.save_for_backward(logits, ids, lse, entropy)
+        ctx.save_for_backward(logits, ids, lse, entropy, floor)
         empty = log_prob.new_empty(0)
         entropy = empty if entropy is None else entropy
         proxy = empty.clone() if proxy is None else proxy
@@ -107,9 +139,9 @@ class _TokenStatsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_prob, grad_entropy, _grad_proxy):
-        logits, ids, lse, entropy = ctx.saved_tensors
+        logits, ids, lse, entropy, floor = ctx.saved_tensors
         if grad_log_prob is None and grad_entropy is None:
-            return (None,) * 7
+            return (None,) * 8
         temperature = ctx.temperature
         dtype = compute_dtype(logits.dtype)
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -120,11 +152,18 @@ class _TokenStatsFn(torch.autograd.Function):
             x = chunk if temperature == 1.0 else chunk.to(dtype) / temperature
             g_lp = grad_log_prob[start:stop, None].to(dtype)
             log_p = x - lse[start:stop, None]  # fresh (promoted) temporary, safe to modify in place
+            # Top-p: p is 0 outside the kept set (the same set as forward's: same floor, same x).
+            dropped = None if floor is None else ~top_p_keep(x, floor[start:stop], ids[start:stop])
             # d log p_tok / dx = onehot(tok) - p ;  dH/dx = -p * (log p + H)
             if grad_entropy is None:
-                grad = log_p.exp_().mul_(-g_lp)
+                grad = log_p.exp_()
+                if dropped is not None:
+                    grad.masked_fill_(dropped, 0.0)
+                grad = grad.mul_(-g_lp)
             else:
                 p = log_p.exp()
+                if dropped is not None:
+                    p.masked_fill_(dropped, 0.0)
                 g_h = grad_entropy[start:stop, None].to(dtype)
                 entropy_term = log_p.add_(entropy[start:stop, None]).mul_(p).mul_(g_h)
                 grad = p.mul_(-g_lp).sub_(entropy_term)
@@ -132,7 +171,7 @@ class _TokenStatsFn(torch.autograd.Function):
             if temperature != 1.0:
                 grad /= temperature
             grad_rows[start:stop] = grad
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None
 
 
 def token_stats(
@@ -144,6 +183,7 @@ def token_stats(
     proxy_temperature: float = 1.0,
     compute_entropy: bool = True,
     chunk_size: int | None = None,
+    top_p: float = 1.0,
 ) -> TokenStats:
     """Log-probs, entropy and min-p proxy of the sampled tokens, chunk-wise along positions.
 
@@ -156,6 +196,10 @@ def token_stats(
         proxy_temperature: temperature of the renormalised proxy (threshold is at T = 1).
         compute_entropy: entropy is one extra dot product per position when on.
         chunk_size: positions per chunk; default ``learner.proxy.default_chunk_size``.
+        top_p: vLLM's top-p; below 1 every output is of the distribution vLLM sampled from,
+            ``softmax(logits / T)`` renormalised over its top-p set (``learner.top_p``; the
+            sampled token always counts as kept, so its log-prob is never -inf). It costs a
+            sort of each chunk in the forward pass; the backward reuses each position's floor.
 
     Outputs are float32 (float64 for float64 logits) of shape ``token_ids.shape``.
     Memory beyond the logits: a few ``chunk_size x V`` temporaries and per-token vectors in
@@ -166,19 +210,21 @@ def token_stats(
     if temperature <= 0 or proxy_temperature <= 0:
         raise ValueError("temperatures must be positive")
     kappa = None if proxy_min_p is None else check_min_p(proxy_min_p)
+    cut = None if top_p == 1.0 else top_p_cut(top_p)
     chunk_size = chunk_size or default_chunk_size(logits.shape[-1], logits.device)
     ids = token_ids.reshape(-1).clamp(min=0)
     shape = token_ids.shape
     if torch.is_grad_enabled() and logits.requires_grad:
         log_prob, entropy, proxy = _TokenStatsFn.apply(
-            logits, ids, float(temperature), compute_entropy, kappa, float(proxy_temperature), chunk_size
+            logits, ids, float(temperature), compute_entropy, kappa, float(proxy_temperature), chunk_size,
+            cut,
         )
         entropy = entropy if compute_entropy else None
         proxy = proxy if kappa is not None else None
     else:
-        log_prob, _, entropy, proxy = _forward(
+        log_prob, _, entropy, proxy, _ = _forward(
             logits.detach(), ids, float(temperature), compute_entropy, kappa,
-            float(proxy_temperature), chunk_size,
+            float(proxy_temperature), chunk_size, cut,
         )
     return TokenStats(
         log_prob=log_prob.view(shape),
@@ -195,9 +241,11 @@ def _head_chunk_stats(
     proxy_min_p: float | None,
     proxy_temperature: float,
     compute_entropy: bool,
+    top_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     stats = token_stats(head(hidden), ids, temperature=temperature, proxy_min_p=proxy_min_p,
-                        proxy_temperature=proxy_temperature, compute_entropy=compute_entropy)
+                        proxy_temperature=proxy_temperature, compute_entropy=compute_entropy,
+                        top_p=top_p)
     empty = stats.log_prob.new_empty(0)
     return (stats.log_prob,
             empty if stats.entropy is None else stats.entropy,
@@ -214,6 +262,7 @@ def head_token_stats(
     proxy_min_p: float | None = None,
     proxy_temperature: float = 1.0,
     compute_entropy: bool = True,
+    top_p: float = 1.0,
 ) -> TokenStats:
     """``token_stats`` of ``head(hidden)``, never holding more than ``chunk_tokens`` rows of logits.
 
@@ -222,7 +271,9 @@ def head_token_stats(
     module so that ZeRO-3 gathers its weight. Each chunk of positions goes through the head
     and ``token_stats`` under ``torch.utils.checkpoint``: the forward keeps only per-token
     numbers, and the backward recomputes one chunk's logits at a time. The cost is one more
-    projection per chunk; the saving is the ``N x V`` logits and their gradient.
+    projection per chunk; the saving is the ``N x V`` logits and their gradient. ``top_p``
+    as in ``token_stats``: each position's kept set depends on its own logits only, so
+    chunking changes nothing.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -230,7 +281,7 @@ def head_token_stats(
         raise ValueError(f"hidden {tuple(hidden.shape)} and token_ids {tuple(token_ids.shape)} do not match")
     if chunk_tokens <= 0:
         raise ValueError("chunk_tokens must be positive")
-    args = (float(temperature), proxy_min_p, float(proxy_temperature), compute_entropy)
+    args = (float(temperature), proxy_min_p, float(proxy_temperature), compute_entropy, float(top_p))
     track = torch.is_grad_enabled() and (
         hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     parts = []

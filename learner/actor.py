@@ -80,10 +80,11 @@ def free_port() -> int:
 class Learner:
     def __init__(self, rank: int, world_size: int, model_path: str, model_cfg: ModelConfig,
                  cfg: LearnerConfig, algo: AlgorithmConfig, temperature: float, seed: int,
-                 total_optimizer_steps: int = 0):
+                 total_optimizer_steps: int = 0, top_p: float = 1.0):
         """``total_optimizer_steps``: optimizer steps of the whole run, the length of the
         learning-rate decay (trainer.total_steps * mini_batches_per_step * epochs_per_step);
-        0: unknown, so the rate stays constant after the warm-up."""
+        0: unknown, so the rate stays constant after the warm-up. ``temperature`` and
+        ``top_p``: the rollout's sampling transform, under which every log-prob is taken."""
         self.rank = rank
         self.total_optimizer_steps = total_optimizer_steps
         self.world_size = world_size
@@ -92,6 +93,7 @@ class Learner:
         self.cfg = cfg
         self.algo = algo
         self.temperature = temperature
+        self.top_p = top_p
         self.seed = seed
         self.engine = None
         self.reference = None  # the frozen initial model, when algo.kl_loss_coef > 0
@@ -214,7 +216,7 @@ class Learner:
             return metrics
 
         metrics = train_on_shard(
-            engine.module, shard, self.algo, temperature=self.temperature,
+            engine.module, shard, self.algo, temperature=self.temperature, top_p=self.top_p,
             world_size=self.world_size, backward=backward, optimizer_step=optimizer_step,
             logits_chunk_tokens=self.cfg.logits_chunk_tokens, reference=self.reference)
         return LearnerStepResult(rank=self.rank, metrics=metrics, num_optimizer_steps=steps)
@@ -230,8 +232,9 @@ class Learner:
         self.engine.eval()
         module = self.engine.module
         device = next(module.parameters()).device
-        kwargs = dict(temperature=self.temperature, proxy_min_p=None, proxy_temperature=1.0,
-                      compute_entropy=False, logits_chunk_tokens=self.cfg.logits_chunk_tokens)
+        kwargs = dict(temperature=self.temperature, top_p=self.top_p, proxy_min_p=None,
+                      proxy_temperature=1.0, compute_entropy=False,
+                      logits_chunk_tokens=self.cfg.logits_chunk_tokens)
         with torch.no_grad():
             if isinstance(batch, TrainBatch):
                 return response_token_stats(module, batch.to(device), **kwargs).log_prob.cpu()

@@ -78,15 +78,17 @@ def response_hidden_states(model: torch.nn.Module, batch: TrainBatch) -> torch.T
 
 def response_token_stats(model: torch.nn.Module, batch: TrainBatch, *, temperature: float,
                          proxy_min_p: float | None, proxy_temperature: float,
-                         compute_entropy: bool, logits_chunk_tokens: int = 0) -> TokenStats:
-    """Per-token statistics of the response tokens, ``(B, R)`` each.
+                         compute_entropy: bool, logits_chunk_tokens: int = 0,
+                         top_p: float = 1.0) -> TokenStats:
+    """Per-token statistics of the response tokens, ``(B, R)`` each, under the sampling
+    transform vLLM used (``temperature``, then ``top_p``; see ``token_stats``).
 
     ``logits_chunk_tokens == 0``: from the full ``(B, R, V)`` logits. Otherwise the output
     projection runs on at most that many positions at a time (``head_token_stats``), and only
     on real response tokens; padded positions read 0.
     """
     kwargs = dict(temperature=temperature, proxy_min_p=proxy_min_p,
-                  proxy_temperature=proxy_temperature, compute_entropy=compute_entropy)
+                  proxy_temperature=proxy_temperature, compute_entropy=compute_entropy, top_p=top_p)
     if logits_chunk_tokens <= 0:
         return token_stats(response_logits(model, batch), batch.response_ids, **kwargs)
     hidden = response_hidden_states(model, batch)
@@ -133,24 +135,26 @@ def behaviour_is_old(algo: AlgorithmConfig) -> bool:
 
 @torch.no_grad()
 def fill_old_log_probs(model: torch.nn.Module, micro: TrainBatch, algo: AlgorithmConfig,
-                       temperature: float, logits_chunk_tokens: int = 0) -> None:
+                       temperature: float, logits_chunk_tokens: int = 0, top_p: float = 1.0) -> None:
     """Off-policy path: one no-grad pass for log pi_old and the Lp-Reg proxy."""
     stats = response_token_stats(
         model, micro, temperature=temperature,
         proxy_min_p=algo.lp_reg_min_p if needs_proxy(algo) else None,
         proxy_temperature=algo.lp_reg_temperature, compute_entropy=False,
-        logits_chunk_tokens=logits_chunk_tokens)
+        logits_chunk_tokens=logits_chunk_tokens, top_p=top_p)
     micro.old_log_probs = stats.log_prob
     micro.proxy_log_probs = stats.proxy_log_prob
 
 
 @torch.no_grad()
 def fill_reference_log_probs(reference: torch.nn.Module, micro: TrainBatch, temperature: float,
-                             logits_chunk_tokens: int = 0) -> None:
-    """The reference policy's log-probs of the response tokens, at the sampling temperature."""
+                             logits_chunk_tokens: int = 0, top_p: float = 1.0) -> None:
+    """The reference policy's log-probs of the response tokens, under the sampling transform
+    (temperature, top-p) the policy's own are taken under, so that their KL compares like
+    with like."""
     micro.ref_log_probs = response_token_stats(
         reference, micro, temperature=temperature, proxy_min_p=None, proxy_temperature=1.0,
-        compute_entropy=False, logits_chunk_tokens=logits_chunk_tokens).log_prob
+        compute_entropy=False, logits_chunk_tokens=logits_chunk_tokens, top_p=top_p).log_prob
 
 
 def select_log_probs(micro: TrainBatch, on_policy: bool, behaviour: bool) -> torch.Tensor:
@@ -252,6 +256,7 @@ def train_on_shard(
     optimizer_step: Callable[[], dict[str, float]],
     logits_chunk_tokens: int = 0,
     reference: torch.nn.Module | None = None,
+    top_p: float = 1.0,
 ) -> dict[str, float]:
     """Every optimizer step of one learner step on this rank's shard.
 
@@ -259,7 +264,10 @@ def train_on_shard(
     last micro-batch of a mini-batch, after which ``optimizer_step()`` runs. Micro-batches
     come planned in the shard (``shard_for_learners``) and are padded here, one at a time.
     ``reference``: the frozen reference policy, needed when ``algo.kl_loss_coef > 0``; one
-    no-grad pass of it per micro-batch and step.
+    no-grad pass of it per micro-batch and step. ``temperature`` and ``top_p`` are the
+    rollout's: every log-prob (pi_theta, pi_old, the reference's) is of the distribution vLLM
+    sampled from, as vLLM's own are, so the mismatch metrics and the rollout correction
+    compare like with like.
 
     Returns metrics averaged over micro-batches (and, for ``optimizer_step``'s
     metrics, over optimizer steps), except token counts (``COUNT_METRICS``), which add up.
@@ -283,9 +291,9 @@ def train_on_shard(
     for mini in padded:
         for micro in mini:
             if not on_policy and not behaviour:
-                fill_old_log_probs(model, micro, algo, temperature, logits_chunk_tokens)
+                fill_old_log_probs(model, micro, algo, temperature, logits_chunk_tokens, top_p)
             if algo.kl_loss_coef > 0:
-                fill_reference_log_probs(reference, micro, temperature, logits_chunk_tokens)
+                fill_reference_log_probs(reference, micro, temperature, logits_chunk_tokens, top_p)
     # The proxy from the training pass itself: the on-policy fast path with the learner's policy.
     proxy_in_pass = on_policy and not behaviour and needs_proxy(algo)
     # Lp-Reg's batch-scope thresholds, one per mini-batch, now that pi_old is known for all
@@ -313,7 +321,7 @@ def train_on_shard(
                     model, micro, temperature=temperature,
                     proxy_min_p=algo.lp_reg_min_p if proxy_in_pass else None,
                     proxy_temperature=algo.lp_reg_temperature, compute_entropy=True,
-                    logits_chunk_tokens=logits_chunk_tokens)
+                    logits_chunk_tokens=logits_chunk_tokens, top_p=top_p)
                 if behaviour:
                     old_log_prob, proxy = micro.rollout_log_probs, micro.behaviour_proxy_log_probs
                 elif on_policy:

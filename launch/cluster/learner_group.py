@@ -24,7 +24,7 @@ def _process_and_node(_actor) -> tuple[int, str]:
 class LearnerGroup:
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: LearnerConfig,
                  algo: AlgorithmConfig, temperature: float, total_steps: int,
-                 seed: int, placement=None) -> None:
+                 seed: int, placement=None, top_p: float = 1.0) -> None:
         import ray
 
         self.cfg = cfg
@@ -37,7 +37,7 @@ class LearnerGroup:
                 options["scheduling_strategy"] = placement(rank)
             self.workers.append(actor_cls.options(**options).remote(
                 rank, cfg.num_workers, model_path, model_cfg, cfg, algo, temperature, seed,
-                total_optimizer_steps=total_optimizer_steps(total_steps, algo)))
+                total_optimizer_steps=total_optimizer_steps(total_steps, algo), top_p=top_p))
         addr, port = wait_named({"learner-0": self.rank0.rendezvous_address.remote()},
                                 cfg.startup_timeout_s, "report its address")["learner-0"]
         # init_distributed is a collective: every rank must be inside it at once.

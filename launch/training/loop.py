@@ -175,8 +175,9 @@ class Trainer:
         cfg = self.cfg
         self.learners = LearnerGroup(
             self.model_path, cfg.model, cfg.learner, cfg.algorithm,
-            temperature=cfg.rollout.temperature, total_steps=cfg.trainer.total_steps,
-            seed=cfg.trainer.seed, placement=self.placement.learner)
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            total_steps=cfg.trainer.total_steps, seed=cfg.trainer.seed,
+            placement=self.placement.learner)
         self.sync = make_weight_sync(cfg.rollout.weight_sync, self.learners, self.pool,
                                      timeout_s=cfg.rollout.timeout_s,
                                      partial=cfg.rollout.partial_rollout)

@@ -30,6 +30,7 @@ DIST_BACKENDS = ("auto", "gloo", "nccl")
 ZERO_STAGES = (0, 1, 2, 3)
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 METRICS_LOGGERS = ("jsonl", "tensorboard", "wandb")
+TOOL_SANDBOXES = ("auto", "bwrap", "rlimits")
 
 
 @dataclass(frozen=True)
@@ -317,6 +318,41 @@ class VerifierConfig:
 
 
 @dataclass
+class ToolConfig:
+    """Code the model writes during a rollout runs in a sandbox (rollout/tools/): as a
+    user of its own, with no privileges, within these limits."""
+
+    # "bwrap": bubblewrap namespaces on top of the rlimits (no network, a private /tmp,
+    # only /usr and the interpreter's files visible); "rlimits": resource limits and a
+    # user of its own only (and no network where root can make a namespace). "auto":
+    # bwrap when it is installed and runs here, rlimits otherwise, with a warning.
+    sandbox: str = one_of("auto", TOOL_SANDBOXES)
+    # Wall-clock seconds one program may take; then its whole process group is killed.
+    timeout_s: float = within(10.0, gt=0)
+    # CPU seconds each of its processes may use (RLIMIT_CPU).
+    cpu_time_s: int = within(5, ge=1)
+    # Address space of each of its processes, in MiB (RLIMIT_AS).
+    memory_mb: int = within(1024, ge=16)
+    # Processes and threads it may have at once (RLIMIT_NPROC of its user).
+    max_processes: int = within(32, ge=1)
+    # Largest file it may write, in MiB (RLIMIT_FSIZE); under bwrap, all of its /tmp.
+    max_file_mb: int = within(16, ge=1)
+    # Output the model sees, in characters: the first and the last half, with a marker
+    # that counts what was left out between them.
+    max_output_chars: int = within(2000, ge=1)
+    # Programs that run at once in one process; more wait for a free slot.
+    max_concurrency: int = within(4, ge=1, le=256)
+    # The interpreter that runs the code. None: this Python when the sandbox user may run
+    # it, else python3 from /usr/local/bin, /usr/bin or /bin.
+    python: str | None = None
+    # Where each program's private temporary directory is made; None: the system's.
+    tmp_dir: str | None = None
+    # More tools by name, each "package.module:function", called as function(code: str)
+    # -> str in the caller's process, outside the sandbox. "python" is built in.
+    plugins: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class TrainerConfig:
     total_steps: int = within(80, ge=1)
     run_name: str = "demo"
@@ -377,5 +413,6 @@ class LpregConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    tool: ToolConfig = field(default_factory=ToolConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)

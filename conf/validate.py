@@ -119,6 +119,7 @@ def _check_combinations(cfg: LpregConfig) -> None:
     if not cfg.trainer.output_dir:
         raise ConfigError("config key 'trainer.output_dir' is empty")
     _check_loggers_and_overlong_buffer(cfg)
+    _check_tool_plugins(cfg)
     _check_gpu_requests(cfg)
     _check_colocation(cfg)
     if needs_top_logprobs(cfg) and cfg.rollout.top_logprobs < 1:
@@ -214,6 +215,16 @@ def resolve_auto(cfg: LpregConfig) -> LpregConfig:
         rollout=dataclasses.replace(
             cfg.rollout, weight_sync=effective_weight_sync(cfg),
             top_logprobs=cfg.rollout.top_logprobs if needs_top_logprobs(cfg) else 0))
+
+
+def _check_tool_plugins(cfg: LpregConfig) -> None:
+    for name, spec in cfg.tool.plugins.items():
+        if name == "python":
+            raise ConfigError("config key 'tool.plugins.python': python is the built-in, "
+                              "sandboxed tool; give the plugin another name")
+        if not _REWARD_FN.match(spec):
+            raise ConfigError(f"config key 'tool.plugins.{name}' must look like "
+                              f"'package.module:function'; got {spec!r}")
 
 
 def _check_loggers_and_overlong_buffer(cfg: LpregConfig) -> None:

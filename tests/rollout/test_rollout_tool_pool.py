@@ -55,8 +55,14 @@ def test_submit_returns_at_once_and_the_result_comes_later(pool):
 def test_a_fork_bomb_in_one_slot_leaves_the_other_slot_working(tmp_base, mode):
     if mode == "bwrap" and not shutil.which("bwrap"):
         pytest.skip("bubblewrap is not installed (make install installs it)")
+    try:
+        tools = ToolPool(config(tmp_base, sandbox=mode))
+    except ConfigError as err:
+        if "bwrap does not run here" not in str(err):
+            raise
+        pytest.skip(str(err))
     # Each slot has a user of its own, so the bomb exhausts only its own process limit.
-    with ToolPool(config(tmp_base, sandbox=mode)) as tools:
+    with tools:
         bomb = tools.submit("import os\nwhile True:\n    try:\n        os.fork()\n"
                             "    except OSError:\n        pass\n")
         time.sleep(0.3)

@@ -41,12 +41,22 @@ def tmp_base():
 
 @pytest.fixture(scope="module", params=["rlimits", "bwrap"])
 def sandbox(request, tmp_base):
-    if request.param == "bwrap" and not HAS_BWRAP:
-        pytest.skip("bubblewrap is not installed (make install installs it)")
-    box = Sandbox(ToolConfig(sandbox=request.param, tmp_dir=tmp_base, **LIMITS))
+    box = make_sandbox(request.param, tmp_base)
     assert box.mode == request.param
     yield box
     box.close()
+
+
+def make_sandbox(mode: str, tmp_base: str, **overrides) -> Sandbox:
+    """A sandbox in ``mode``; bwrap tests are skipped, saying why, where it cannot run."""
+    if mode == "bwrap" and not HAS_BWRAP:
+        pytest.skip("bubblewrap is not installed (make install installs it)")
+    try:
+        return Sandbox(ToolConfig(sandbox=mode, tmp_dir=tmp_base, **(LIMITS | overrides)))
+    except ConfigError as err:
+        if mode == "bwrap" and "bwrap does not run here" in str(err):
+            pytest.skip(str(err))
+        raise
 
 
 def sandbox_processes(box: Sandbox) -> list[str]:
@@ -121,6 +131,15 @@ def test_a_fork_bomb_is_contained_and_cleaned_up(sandbox, tmp_base):
     assert result.status in (ToolStatus.TIMEOUT, ToolStatus.KILLED)
     assert result.wall_s < TIMEOUT_S + 3
     assert run(sandbox, "print('next')", tmp_base).observation == "next\n"
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="the process limit needs a user of its own")
+def test_the_process_limit_holds(sandbox, tmp_base):
+    code = ("import os, time\nfor n in range(100):\n    try:\n        if os.fork() == 0:\n"
+            "            time.sleep(30)\n            os._exit(0)\n    except OSError:\n"
+            "        break\nprint(n)\n")
+    result = run(sandbox, code, tmp_base)  # the sleeping children do not outlive it
+    assert result.observation == f"{LIMITS['max_processes'] - 1}\n"
 
 
 def test_a_memory_bomb_hits_the_address_space_limit(sandbox, tmp_base):

@@ -293,9 +293,11 @@ class RolloutPool:
     def _handle(self, slot: WorkerSlot, attr: str, ref) -> list[GroupResult]:
         import ray
 
-        setattr(slot, attr, None)
-        if slot.state == "dead":
+        if getattr(slot, attr) is not ref or slot.state == "dead":
+            # A second call of a worker lost earlier in the same poll (its poll and its
+            # weight load fail together when its node goes): the slot has moved on.
             return []
+        setattr(slot, attr, None)
         try:
             value = ray.get(ref)
         except Exception as err:  # noqa: BLE001 - any failure of a worker call loses the worker

@@ -240,15 +240,24 @@ class RolloutPool:
 
         self.pending.clear()
         self.results.clear()
-        refs = []
+        refs = {}
         for slot in self.live_slots():
             slot.in_flight.clear()
             slot.in_flight_samples = 0
-            refs.append(slot.handle.abort_all.remote())
-        try:
-            ray.get(refs, timeout=self.cfg.timeout_s)
-        except Exception as err:  # noqa: BLE001 - a worker that fails here is found by its poll
-            log.warning("aborting rollout work: %s", err)
+            refs[slot.index] = (slot.handle, slot.handle.abort_all.remote())
+        if refs:
+            ray.wait([ref for _, ref in refs.values()], num_returns=len(refs), timeout=self.cfg.timeout_s)
+        for index, (handle, ref) in refs.items():
+            try:
+                ray.get(ref, timeout=0)
+            except Exception as err:  # noqa: BLE001 - a worker that fails here is found by its poll
+                slot = self.slots[index]
+                if is_actor_death(err) and slot.handle is handle and slot.state == "live":
+                    # Lost now rather than at the next poll: the driver may not poll for a
+                    # while (a learner rebuild), and its replacement can start meanwhile.
+                    self._lose(slot, _death_reason(err))
+                else:
+                    log.warning("aborting rollout work: %s", err)
 
     def checksums(self) -> list[float]:
         import ray

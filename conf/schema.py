@@ -403,6 +403,10 @@ class RayConfig:
     colocate: bool = False
     # Seconds to wait for the placement groups before naming what could not be placed.
     placement_timeout_s: float = within(120.0, gt=0)
+    # Seconds the run waits for a node with room after a lost node took actors it needs
+    # (a learner rank; or every rollout worker) before it stops with one line. Room for
+    # them on the nodes left needs no wait; a node that joins within this time does.
+    node_wait_s: float = within(600.0, gt=0)
 
 
 @dataclass

@@ -97,7 +97,8 @@ class RolloutWorker:
         import ray
 
         return {"index": self.worker_index, "pid": os.getpid(),
-                "node": ray.util.get_node_ip_address()}
+                "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     # -- the driver's side -------------------------------------------------------------
     def submit(self, groups: list[GroupRequest]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
 from launch.cluster.remote import is_actor_death, wait_named
 from learner.actor import Learner
@@ -13,18 +15,20 @@ def total_optimizer_steps(total_steps: int, algo: AlgorithmConfig) -> int:
     return total_steps * algo.mini_batches_per_step * algo.epochs_per_step
 
 
-def _process_and_node(_actor) -> tuple[int, str]:
+def _process_and_node(_actor) -> tuple[int, str, str]:
     import os
 
     import ray
 
-    return os.getpid(), ray.util.get_node_ip_address()
+    return os.getpid(), ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
 
 class LearnerGroup:
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: LearnerConfig,
                  algo: AlgorithmConfig, temperature: float, total_steps: int,
-                 seed: int, placement=None, top_p: float = 1.0) -> None:
+                 seed: int, placement=None, top_p: float = 1.0,
+                 tick: Callable[[list], object] | None = None) -> None:
+        """``tick``: keeps other work moving while the ranks start (see ``wait_named``)."""
         import ray
 
         self.cfg = cfg
@@ -39,13 +43,13 @@ class LearnerGroup:
                 rank, cfg.num_workers, model_path, model_cfg, cfg, algo, temperature, seed,
                 total_optimizer_steps=total_optimizer_steps(total_steps, algo), top_p=top_p))
         addr, port = wait_named({"learner-0": self.rank0.rendezvous_address.remote()},
-                                cfg.startup_timeout_s, "report its address")["learner-0"]
+                                cfg.startup_timeout_s, "report its address", tick)["learner-0"]
         # init_distributed is a collective: every rank must be inside it at once.
         wait_named({name: w.setup.remote(addr, port) for name, w in self.named_workers()},
-                   cfg.startup_timeout_s, "join the DeepSpeed group and load the model")
+                   cfg.startup_timeout_s, "join the DeepSpeed group and load the model", tick)
         where = wait_named({name: w.__ray_call__.remote(_process_and_node)
                             for name, w in self.named_workers()}, cfg.startup_timeout_s,
-                           "report its process")
+                           "report its process", tick)
         self._where = [where[name] for name, _ in self.named_workers()]
 
     @property
@@ -65,8 +69,9 @@ class LearnerGroup:
         return [w.train_step.remote(shard) for w, shard in zip(self.workers, shards, strict=True)]
 
     def describe_actors(self) -> list[dict]:
-        return [{"name": name, "pid": pid, "node": node}
-                for (name, _), (pid, node) in zip(self.named_workers(), self._where, strict=True)]
+        return [{"name": name, "pid": pid, "node": node, "node_id": node_id}
+                for (name, _), (pid, node, node_id) in zip(self.named_workers(), self._where,
+                                                           strict=True)]
 
     def name_of_failure(self, err: BaseException) -> str:
         """Which rank an actor-death error is about, with its process id, when Ray says."""
@@ -123,4 +128,4 @@ class LearnerGroup:
                 ray.kill(worker, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-        self.workers = []
+        self.workers, self._where = [], []

@@ -12,6 +12,11 @@ GPU.
 
 The plan is pure (``plan_placement``); its keys are checked when the config loads;
 ``Placement.create`` asks Ray for it and fails with a message naming what did not fit.
+
+When a node is lost, Ray moves the bundles that were on it to nodes with room, or leaves
+them unplaced until a node joins; the groups themselves stay. A replacement actor is
+started in its bundle once the bundle sits on a node that can take it
+(``launch.cluster.nodes``); the learner group waits up to ``ray.node_wait_s`` for that.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 
 from conf.errors import ConfigError
 from conf.schema import LearnerConfig, LpregConfig, RolloutConfig
+from launch.cluster.nodes import NodeWatch, bundle_nodes, wait_for_room
 
 Bundle = dict[str, float]
 
@@ -115,9 +121,12 @@ def _resources_line(resources: dict[str, float], keys: list[str]) -> str:
 class Placement:
     """Reserved placement groups; hands out the scheduling strategy of each actor."""
 
-    def __init__(self, plan: PlacementPlan, groups: list) -> None:
+    def __init__(self, plan: PlacementPlan, groups: list, node_wait_s: float = 600.0,
+                 nodes: NodeWatch | None = None) -> None:
         self.plan = plan
         self._groups = groups
+        self.node_wait_s = node_wait_s  # ray.node_wait_s
+        self.nodes = nodes or NodeWatch()
 
     @classmethod
     def create(cls, cfg: LpregConfig) -> Placement:
@@ -152,7 +161,7 @@ class Placement:
                 f"{total} in total and {free} free. Lower rollout.num_workers/learner.num_workers "
                 f"or their cpus_per_worker/gpus_per_worker, add nodes, or raise "
                 f"ray.placement_timeout_s if resources are about to free up")
-        return cls(plan, groups)
+        return cls(plan, groups, node_wait_s=cfg.ray.node_wait_s)
 
     def _strategy(self, slot: tuple[int, int]):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -174,6 +183,30 @@ class Placement:
 
     def describe(self) -> str:
         return "; ".join(f"{g.name}: {g.describe()} {g.strategy}" for g in self.plan.groups)
+
+    # -- after a lost node -------------------------------------------------------------
+    def lacking_room(self, actors: dict[str, tuple[int, int]]) -> list[str]:
+        """``name: why`` for each actor (name -> slot) whose bundle cannot take it now."""
+        placed: dict[int, dict[int, str]] = {}
+        for group, _ in actors.values():
+            if group not in placed:
+                placed[group] = bundle_nodes(self._groups[group])
+        problems = self.nodes.problems([placed[g].get(b) for g, b in actors.values()])
+        return [f"{name}: {why}" for name, why in zip(actors, problems, strict=True) if why]
+
+    def rollout_lacking_room(self, index: int) -> list[str]:
+        """Why rollout worker ``index``'s bundle cannot take a replacement now (empty: it can)."""
+        return self.lacking_room({f"rollout-{index}": self.plan.rollout_slots[index]})
+
+    def learners_lacking_room(self) -> list[str]:
+        return self.lacking_room({f"learner-{rank}": slot
+                                  for rank, slot in enumerate(self.plan.learner_slots)})
+
+    def wait_for_learner_room(self, tick=None) -> float:
+        """Wait up to ``ray.node_wait_s`` until every learner bundle can take its rank;
+        returns the seconds waited, or raises ``NodeWaitTimeout``."""
+        return wait_for_room(self.learners_lacking_room, self.node_wait_s, "the learner group",
+                             tick=tick)
 
     def remove(self) -> None:
         """Give the reservations back (they also go when the driver's job ends)."""

@@ -14,6 +14,10 @@
   given any work: it loads them at once from the object store, or, under the broadcast,
   waits ("awaiting") until the next push includes it. ``rollout.max_restarts`` bounds
   replacements over the run.
+- **Lost nodes.** A replacement is started only once its bundle sits on a node that can
+  take it (``launch.cluster.nodes``): Ray may not have declared a lost node dead yet, or
+  have no room left. The slot "waits" meanwhile, while the other workers carry the run;
+  with no worker left, the run stops after ``ray.node_wait_s`` without room.
 
 The pool is driven by its caller: ``poll`` (or anything that waits through it) is the only
 place where work moves, so the driver calls it while it waits for anything else too.
@@ -30,7 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conf.schema import ModelConfig, RolloutConfig
-from launch.cluster.remote import RemoteTimeoutError, RunStopped, is_actor_death
+from launch.cluster.remote import (
+    RemoteTimeoutError,
+    RunStopped,
+    died_with_node,
+    is_actor_death,
+    is_unreachable,
+)
 from rollout.types import GroupRequest, GroupResult, WorkerReport
 from rollout.worker import RolloutWorker, engine_env
 
@@ -39,6 +49,8 @@ log = logging.getLogger("lpreg")
 POLL_S = 0.5  # how long a worker's poll waits for a finished group before answering empty
 # Threads of a worker actor: a poll, a submit, a weight load and an abort may overlap.
 WORKER_CONCURRENCY = 8
+ROOM_CHECK_S = 0.5  # how often a waiting replacement asks Ray whether its bundle has a node
+SERVING = ("starting", "loading", "awaiting", "live")  # states of a slot that has a worker
 
 
 class RolloutFailure(RunStopped):
@@ -83,9 +95,11 @@ class WorkerSlot:
 
     index: int
     handle: Any = None
-    state: str = "starting"  # starting -> loading or awaiting (weights) -> live; dead
+    # (waiting for room ->) starting -> loading or awaiting (weights) -> live; dead
+    state: str = "starting"
     pid: int | None = None
     node: str | None = None
+    node_id: str | None = None
     ready_ref: Any = None
     load_ref: Any = None
     poll_ref: Any = None
@@ -99,6 +113,7 @@ class WorkerSlot:
     interrupted_seen: int = 0  # the worker's own running count, as last reported
     lost_at: float | None = None  # detection time of the loss this slot is recovering from
     detected: str = ""
+    waiting_since: float | None = None  # waiting for a node with room for its replacement
 
     @property
     def name(self) -> str:
@@ -114,12 +129,17 @@ class PoolCounters:
 
 
 class RolloutPool:
+    """``placement``: a ``launch.cluster.placement.Placement`` (its ``rollout(i)`` strategy,
+    ``rollout_lacking_room(i)``, ``nodes`` and ``node_wait_s``), or None to let Ray place workers."""
+
     def __init__(self, num_workers: int, model_path: str, model_cfg: ModelConfig,
-                 cfg: RolloutConfig, seed: int, placement: Callable[[int], Any] | None = None,
+                 cfg: RolloutConfig, seed: int, placement: Any = None,
                  on_change: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self.model_path, self.model_cfg, self.seed = model_path, model_cfg, seed
         self.placement = placement
+        self._room_checked = 0.0
+        self._stalled_since: float | None = None  # no worker left, every slot waiting for room
         self.on_change = on_change  # called when the set of workers changes (actors.json)
         self.slots = [WorkerSlot(index) for index in range(num_workers)]
         self.pending: deque[GroupRequest] = deque()
@@ -266,7 +286,8 @@ class RolloutPool:
                        timeout=self.cfg.timeout_s)
 
     def describe_actors(self) -> list[dict]:
-        return [{"name": s.name, "pid": s.pid, "node": s.node, "state": s.state} for s in self.slots]
+        return [{"name": s.name, "pid": s.pid, "node": s.node, "node_id": s.node_id, "state": s.state}
+                for s in self.slots]
 
     def busy_seconds(self) -> list[float]:
         return [s.busy_s for s in self.slots]
@@ -313,7 +334,7 @@ class RolloutPool:
             self._lose(slot, _death_reason(err))
             return []
         if attr == "ready_ref":
-            slot.pid, slot.node = value["pid"], value["node"]
+            slot.pid, slot.node, slot.node_id = value["pid"], value["node"], value.get("node_id")
             self._catch_up(slot, loaded=0)
             return []
         if attr == "load_ref":
@@ -354,6 +375,35 @@ class RolloutPool:
             # An awaiting worker is started; its next call (a push) has a deadline of its own.
             elif slot.state in ("starting", "loading") and now - slot.started > self.cfg.startup_timeout_s:
                 self._lose(slot, f"did not start within {self.cfg.startup_timeout_s:.0f}s")
+        self._check_waiting(now)
+
+    def _check_waiting(self, now: float) -> None:
+        """Start the replacements whose bundle found a node; stop the run when no worker is
+        left and none found room within ``ray.node_wait_s``."""
+        waiting = [s for s in self.slots if s.state == "waiting"]
+        if not waiting:
+            self._stalled_since = None
+            return
+        if now - self._room_checked >= ROOM_CHECK_S:
+            self._room_checked = now
+            for slot in waiting:
+                if not self.placement.rollout_lacking_room(slot.index):
+                    log.warning("%s: a node has room for its replacement after %.1fs of waiting",
+                                slot.name, now - slot.waiting_since)
+                    self._start(slot)
+                    if self.on_change is not None:
+                        self.on_change()
+        if any(s.state in SERVING for s in self.slots):
+            self._stalled_since = None
+            return
+        self._stalled_since = self._stalled_since or now
+        if now - self._stalled_since > self.placement.node_wait_s:
+            names = ", ".join(s.name for s in self.slots if s.state == "waiting")
+            raise RolloutFailure(
+                f"no rollout worker is left: {names} lost their node and no node had room for "
+                f"a replacement within ray.node_wait_s={self.placement.node_wait_s:g}s, so the "
+                f"run stops; add nodes (or raise ray.node_wait_s), then resume with "
+                f"trainer.resume=auto")
 
     # -- routing ----------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -405,8 +455,21 @@ class RolloutPool:
         log.warning("%s (pid %s, %s) %s: %d groups (%d requests) re-queued for the other workers; "
                     "starting a replacement", slot.name, slot.pid, was, detected, len(groups), requests)
         slot.lost_at, slot.detected = lost_at, detected
-        self._start(slot)
+        self._replace(slot)
+        if self.on_change is not None:
+            self.on_change()
         self._dispatch()
+
+    def _replace(self, slot: WorkerSlot) -> None:
+        """Start the slot's replacement, or let it wait for a node with room."""
+        lacking = [] if self.placement is None else self.placement.rollout_lacking_room(slot.index)
+        if not lacking:
+            self._start(slot)
+            return
+        slot.state, slot.waiting_since = "waiting", time.monotonic()
+        slot.pid = slot.node = slot.node_id = None
+        self._room_checked = slot.waiting_since
+        log.warning("%s's replacement waits for room (%s)", slot.name, "; ".join(lacking))
 
     def _start(self, slot: WorkerSlot) -> None:
         import ray
@@ -416,11 +479,11 @@ class RolloutPool:
                        runtime_env={"env_vars": engine_env(self.cfg)},
                        max_concurrency=WORKER_CONCURRENCY, max_restarts=0)
         if self.placement is not None:
-            options["scheduling_strategy"] = self.placement(slot.index)
+            options["scheduling_strategy"] = self.placement.rollout(slot.index)
         slot.handle = ray.remote(RolloutWorker).options(**options).remote(
             slot.index, self.model_path, self.model_cfg, self.cfg, self.seed)
-        slot.state, slot.started = "starting", time.monotonic()
-        slot.pid = slot.node = None
+        slot.state, slot.started, slot.waiting_since = "starting", time.monotonic(), None
+        slot.pid = slot.node = slot.node_id = None
         slot.busy_s, slot.last_in_flight, slot.interrupted_seen = 0.0, 0, 0
         slot.ready_ref = slot.handle.ready.remote()
 
@@ -476,6 +539,10 @@ class RolloutPool:
 def _death_reason(err: BaseException) -> str:
     """One line on why a worker call failed."""
     name = type(err).__name__
+    if is_unreachable(err):
+        return "became unreachable (its node may be lost)"
+    if died_with_node(err):
+        return "died with its node (Ray declared the node dead)"
     if is_actor_death(err):
         return "died (Ray reported the actor dead)"
     first = str(err).strip().splitlines()[0] if str(err).strip() else name

@@ -160,7 +160,7 @@ class Trainer:
         t0 = time.perf_counter()
         log.info("placement groups: %s", self.placement.describe())
         self.pool = RolloutPool(cfg.rollout.num_workers, self.model_path, cfg.model, cfg.rollout,
-                                seed=cfg.trainer.seed, placement=self.placement.rollout,
+                                seed=cfg.trainer.seed, placement=self.placement,
                                 on_change=self._write_actors)
         self._start_learners()
         self.pipeline = RolloutPipeline(cfg, self.pool, self.sampler,
@@ -177,7 +177,9 @@ class Trainer:
             self.model_path, cfg.model, cfg.learner, cfg.algorithm,
             temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
             total_steps=cfg.trainer.total_steps, seed=cfg.trainer.seed,
-            placement=self.placement.learner)
+            placement=self.placement.learner,
+            # The rollout pool keeps healing while ranks start (a rebuild can take minutes).
+            tick=lambda pending: self.pool.poll(0.5, extra=pending))
         self.sync = make_weight_sync(cfg.rollout.weight_sync, self.learners, self.pool,
                                      timeout_s=cfg.rollout.timeout_s,
                                      partial=cfg.rollout.partial_rollout)
@@ -220,6 +222,9 @@ class Trainer:
         self.learners.shutdown()
         # Work generated for later steps came from weights the run is about to give up.
         self.pipeline.reset()
+        # A rank lost with its node left a bundle there: Ray moves it once it declares the
+        # node dead, to a node with room, or to one that joins within ray.node_wait_s.
+        self.placement.wait_for_learner_room(tick=lambda: self.pool.poll(0.5))
         self._start_learners()
         newest = checkpoint.find_latest(self.checkpoints_dir)
         if newest is not None:

@@ -1,6 +1,11 @@
 """The whole loop on real Ray, real vLLM (CPU build) and real DeepSpeed (gloo), under both
 weight transports: the object store, and the broadcast that GPU runs use (its gloo wire
-here), with ZeRO-3 gathering one layer at a time and the tiny model's tied embeddings."""
+here), with ZeRO-3 gathering one layer at a time and the tiny model's tied embeddings.
+
+Both runs sample with ``rollout.top_p=0.9``, so vLLM's log-probs are of its top-p set,
+renormalised, and the learner's must be taken under the same transform to agree with them
+(``learner.top_p``). The default ``top_p=1`` is checked under both transports by
+``test_integration_healing``."""
 
 import json
 import os
@@ -35,6 +40,9 @@ def two_by_two_run(request, tmp_path_factory):
            *TRANSPORTS[request.param], "trainer.run_name=loop", f"trainer.output_dir={out}",
            "rollout.num_workers=2", "learner.num_workers=2",
            "rollout.verify_weight_sync=true", "learner.lr=1e-3", "algorithm.loss=ppo_clip",
+           # Without the learner's top-p transform every token is off by the log of the kept
+           # mass: 0.105 (about -log 0.9) on the random tiny model, far above 1e-4.
+           "rollout.top_p=0.9",
            "data.prompts_per_step=8", "rollout.samples_per_prompt=4", "learner.micro_batch_size=4",
            "verifier.reward_fn=toy_rewards:digit_share", "trainer.eval_every=-1",
            # An untrained model rarely ends its answer, so keep truncated responses scored.
@@ -59,7 +67,8 @@ def test_metrics_have_one_record_per_step_with_required_keys(two_by_two_run):
 
 def test_vllm_logprobs_match_learner_after_every_sync(two_by_two_run):
     # Each step's responses were generated with the weights of the previous sync; the
-    # learners recompute their log-probs in the training pass before updating.
+    # learners recompute their log-probs in the training pass before updating, under
+    # vLLM's temperature and top-p set.
     _, metrics = two_by_two_run
     for record in metrics:
         assert record["rollout/logprob_max_abs_diff"] < 1e-4, record["step"]
@@ -91,6 +100,7 @@ def test_run_directory_holds_the_resolved_config(two_by_two_run):
     transport = cfg["rollout"]["weight_sync"]
     assert f"trainer.total_steps={cfg['trainer']['total_steps']}" in TRANSPORTS[transport]
     assert cfg["learner"]["num_workers"] == 2
+    assert cfg["rollout"]["top_p"] == 0.9
     assert cfg["verifier"]["reward_fn"] == "toy_rewards:digit_share"
 
 

@@ -5,10 +5,12 @@ Every program runs:
   Ray). The user is ``UID_BASE + (pid << 8) + slot``: a number no account or file owns,
   unique to this process and slot, so two programs running at once cannot signal each
   other and share no process budget, and cleaning up after one never touches another;
-- in a session of its own, under a launcher that reaps everything it leaves behind, with
-  limits on CPU seconds, address space, file size and process count, and no core files;
+- in a session of its own, under a launcher that kills and reaps everything it leaves
+  behind, with limits on CPU seconds, address space, file size and process count, and no
+  core files;
 - until it ends or its wall-clock deadline passes; then every process of its user is
-  killed, those that left the session too (without root: its process group);
+  killed, daemons that left its session too (without root: every process below the
+  launcher);
 - with none of the parent's environment, in a private temporary directory owned by its
   user and removed afterwards;
 - under bubblewrap where the machine has it (``bwrap``): new user, pid, network, IPC and
@@ -69,11 +71,12 @@ KILL_WAIT_S = 5.0
 # sandbox user). It forks the program: the child applies the limits, drops to the sandbox
 # user and execs argv[6:]. The launcher stays, as the program's reaper: orphans of the
 # program come to it (PR_SET_CHILD_SUBREAPER), so none lingers as a zombie that still
-# counts against the user's process limit, whatever the machine's init does. It reports
-# the program's wait status and CPU seconds on fd argv[5], the moment the program ends,
-# and exits once every process it adopted is gone. The sandbox user cannot signal it.
+# counts against the user's process limit, whatever the machine's init does. The moment
+# the program ends, it reports its wait status and CPU seconds on fd argv[5]; then, or on
+# SIGTERM, it kills what is left of the process tree below it (its children, and theirs
+# once they are orphans and come to it), reaps it, and exits.
 LAUNCHER = """\
-import ctypes, os, resource, sys
+import ctypes, os, resource, signal, sys
 libc = ctypes.CDLL(None, use_errno=True)
 uid, gid, flags, spec, report = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                  sys.argv[4], int(sys.argv[5]))
@@ -81,9 +84,13 @@ libc.prctl(36, 1)
 libc.prctl(1, 9)
 if flags:
     libc.unshare(flags)
+# Signals are waited for, never handled: a handler could run between reaping the program
+# and reporting on it, and lose the report.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
 main = os.fork()
 if main == 0:
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
         os.close(report)
         for item in filter(None, spec.split(",")):
             name, soft, hard = item.split(":")
@@ -97,14 +104,41 @@ if main == 0:
     except BaseException as err:
         os.write(2, f"sandbox: cannot start {sys.argv[6]}: {err}\\n".encode())
         os._exit(127)
-while True:
+
+
+def reap(options):
+    # A child's pid (0: none ready; -1: none left); the program's is reported at once.
     try:
-        pid, status, usage = os.wait4(-1, 0)
+        pid, status, usage = os.wait4(-1, options)
     except ChildProcessError:
-        break
+        return -1
     if pid == main:
         os.write(report, f"{status} {usage.ru_utime + usage.ru_stime}\\n".encode())
-        os.close(report)
+    return pid
+
+
+stopped = False
+while not stopped:
+    pid = reap(os.WNOHANG)
+    if pid in (main, -1):
+        break
+    if pid == 0:
+        woken = signal.sigtimedwait({signal.SIGTERM, signal.SIGCHLD}, 1.0)
+        stopped = woken is not None and woken.si_signo == signal.SIGTERM
+me = os.getpid()
+while True:
+    try:
+        with open(f"/proc/{me}/task/{me}/children") as f:
+            children = f.read().split()
+    except OSError:
+        children = []
+    for child in children:
+        try:
+            os.kill(int(child), 9)
+        except OSError:
+            pass
+    if reap(0) == -1:
+        break
 """
 
 # Run once per sandbox as its user: can it run this interpreter, write in its directory,
@@ -203,10 +237,9 @@ class Sandbox:
     def close(self) -> None:
         """Kill every program still running; later calls fail at once."""
         self._closed = True
-        with self._lock:
-            running = list(self._running.items())
-        for slot, proc in running:
-            self._stop(proc, slot)
+        with self._lock:  # held: no launcher is reaped (and its pid freed) meanwhile
+            for slot, proc in self._running.items():
+                self._stop(proc, slot)
 
     # -- one execution ------------------------------------------------------------------
 
@@ -225,7 +258,7 @@ class Sandbox:
             return ToolResult(f"[tool error: no temporary directory: {err}]", ToolStatus.FAILED)
         try:
             program = os.path.join(workdir, PROGRAM)
-            with open(program, "w", encoding="utf-8") as f:
+            with open(program, "w", encoding="utf-8", errors="replace") as f:
                 f.write(code)
             if self.switch_user:
                 os.chown(program, uid, uid)
@@ -247,11 +280,15 @@ class Sandbox:
                 self._running[slot] = proc
             try:
                 output, report, timed_out = self._collect(proc, report_r, start, slot)
+            except BaseException:
+                _kill_group(proc)
+                self._kill_user(slot)
+                raise
             finally:
                 with self._lock:
                     self._running.pop(slot, None)
                 os.close(report_r)
-            launcher_status = _reap(proc)
+                launcher_status = _reap(proc)
             # Normally a no-op (the launcher reaped everything); a backstop when it was killed.
             self._kill_user(slot, until_reaped=True)
         finally:
@@ -344,8 +381,8 @@ class Sandbox:
                     timed_out = True
                     break
                 pump(remaining)
-            # Nothing of the program may outlive it. As root: kill its user's processes;
-            # the launcher reaps them and exits. Without root: kill the process group.
+            # Nothing of the program may outlive it: the launcher kills and reaps what is
+            # left, then exits.
             self._stop(proc, slot)
             for _ in range(2):
                 until = time.monotonic() + DRAIN_S
@@ -376,10 +413,16 @@ class Sandbox:
         return output, report, timed_out
 
     def _stop(self, proc: subprocess.Popen, slot: int) -> None:
+        """Kill the program and everything it started. The launcher kills its own tree
+        when asked (SIGTERM; it is not reaped yet, so its pid is still its own). As root,
+        every process of the sandbox user is killed too: a process that left the tree
+        (none can, short of a way out of the sandbox) is still of that user."""
+        try:
+            os.kill(proc.pid, signal.SIGTERM)  # not Popen.send_signal: its poll() may reap
+        except OSError:
+            pass
         if self.switch_user:
             self._kill_user(slot)
-        else:
-            _kill_group(proc)
 
     def _kill_user(self, slot: int, until_reaped: bool = False) -> None:
         """SIGKILL every process of ``slot``'s sandbox user, including any that left the
@@ -566,7 +609,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def _reap(proc: subprocess.Popen) -> int:
     """Wait for the launcher; its raw wait status."""
-    _, status = os.waitpid(proc.pid, 0)
+    try:
+        _, status = os.waitpid(proc.pid, 0)
+    except ChildProcessError:  # reaped elsewhere: nothing to learn from it
+        return 0
     proc.returncode = os.waitstatus_to_exitcode(status)
     return status
 

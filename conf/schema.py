@@ -327,7 +327,7 @@ class ToolConfig:
     # user of its own only (and no network where root can make a namespace). "auto":
     # bwrap when it is installed and runs here, rlimits otherwise, with a warning.
     sandbox: str = one_of("auto", TOOL_SANDBOXES)
-    # Wall-clock seconds one program may take; then its whole process group is killed.
+    # Wall-clock seconds one program may take; then it and every process it started die.
     timeout_s: float = within(10.0, gt=0)
     # CPU seconds each of its processes may use (RLIMIT_CPU).
     cpu_time_s: int = within(5, ge=1)

@@ -221,7 +221,13 @@ def two_ranks(tmp_path_factory):
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
              for rank in (0, 1)]
-    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:  # a rank left waiting for a dead peer
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-4000:]
     return [pickle.loads((directory / f"{rank}.pkl").read_bytes()) for rank in (0, 1)]

@@ -1,7 +1,11 @@
 """Loading the config: schema defaults, a recipe, ``key=value`` overrides, then validation.
 
-Every problem becomes a ``ConfigError`` whose one-line message names the key; the
-command line turns it into exit status 2, before anything starts.
+A recipe may name the recipes it builds on under ``extends:`` (one, or a list). Its bases
+are merged first, in the order given, each with its own bases before it; then the recipe
+itself. Plain omegaconf merges: a later file wins key by key, and a list replaces a list.
+
+Every problem becomes a ``ConfigError`` whose one-line message names the key (or the
+file); the command line turns it into exit status 2, before anything starts.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ import difflib
 from collections.abc import Iterable
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from conf.errors import ConfigError
@@ -19,6 +24,7 @@ from conf.validate import validate
 
 CONF_DIR = Path(__file__).resolve().parent
 RECIPE_DIR = CONF_DIR / "recipes"
+EXTENDS_KEY = "extends"
 
 
 def _all_keys(node, prefix: str = "") -> list[str]:
@@ -61,16 +67,65 @@ def resolve_recipe(name_or_path: str) -> Path:
     raise ConfigError(f"recipe '{name_or_path}' not found; shipped recipes: {', '.join(known)}")
 
 
+def _resolve_base(name: object, path: Path) -> Path:
+    """A base named in ``path``'s ``extends``: a file beside ``path`` (or a path from
+    there, or an absolute one), else a shipped recipe, as ``-c`` takes it."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}' takes a recipe name or path, or a list of "
+                          f"them; got {name!r}")
+    for candidate in (path.parent / name, path.parent / f"{name}.yaml",
+                      RECIPE_DIR / name, RECIPE_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"{path}: base recipe '{name}' not found, neither beside it nor among "
+                      f"the shipped recipes in {RECIPE_DIR}")
+
+
+def _read_recipe(path: Path) -> DictConfig:
+    try:
+        node = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if node is None or OmegaConf.is_list(node):
+        raise ConfigError(f"{path}: a recipe is a mapping of config keys")
+    return node
+
+
+def recipe_files(path: Path, _chain: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """Every file a recipe is made of, in merge order (its bases first), each with its
+    settings less the ``extends`` key. A base reached twice (two bases sharing one) is
+    merged once, where it first comes, so it cannot undo what came between."""
+    path = path.resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(path):], path))
+        raise ConfigError(f"{path}: recipes extend each other in a cycle: {cycle}")
+    node = _read_recipe(path)
+    bases = node.pop(EXTENDS_KEY, None)
+    if bases is None:
+        bases = []
+    elif OmegaConf.is_list(bases):
+        bases = list(bases)
+    else:
+        bases = [bases]
+    files: list[tuple[Path, DictConfig]] = []
+    for base in bases:
+        for found, settings in recipe_files(_resolve_base(base, path), (*_chain, path)):
+            if all(found != seen for seen, _ in files):
+                files.append((found, settings))
+    return [*files, (path, node)]
+
+
 def load_config(recipe: str | None = None, overrides: Iterable[str] = ()) -> LpregConfig:
-    """Schema defaults, then the recipe, then ``key=value`` overrides, then checks."""
+    """Schema defaults, then the recipe (its bases first), then ``key=value`` overrides,
+    then checks."""
     schema = OmegaConf.structured(LpregConfig)
     cfg = schema
     if recipe:
-        path = resolve_recipe(recipe)
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        except OmegaConfBaseException as err:
-            raise _explain(err, schema, str(path)) from None
+        for path, settings in recipe_files(resolve_recipe(recipe)):
+            try:
+                cfg = OmegaConf.merge(cfg, settings)
+            except OmegaConfBaseException as err:
+                raise _explain(err, schema, str(path)) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conf.load import ConfigError, resolve_recipe
+from conf.load import RECIPE_DIR, ConfigError, recipe_files, resolve_recipe
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -161,6 +161,12 @@ def recipe_argument(recipe: str | None, project_dir: Path) -> str | None:
         resolve_recipe(recipe)  # raises ConfigError when it is not a shipped name either
         return recipe
     path = Path(recipe).expanduser().resolve()
+    # Its bases travel too: each must be shipped, or be one of the shipped recipes.
+    for base, _ in recipe_files(path)[:-1]:
+        if not (base.is_relative_to(project_dir.resolve()) or base.is_relative_to(RECIPE_DIR)):
+            raise ConfigError(
+                f"recipe file {path} extends {base}, which is outside {project_dir.resolve()}, "
+                f"the directory shipped to the cluster; move it there (or into conf/recipes/)")
     try:
         return path.relative_to(project_dir.resolve()).as_posix()
     except ValueError:

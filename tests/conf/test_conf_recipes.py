@@ -15,7 +15,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from conf.load import RECIPE_DIR, load_config
+from conf.load import RECIPE_DIR, ConfigError, load_config
 from conf.schema import LpregConfig
 
 FIXTURES = Path(__file__).resolve().parent / "resolved_recipes"
@@ -74,3 +74,80 @@ def test_a_key_the_fixture_lacks_must_hold_the_schema_default():
     found = _differences(expected, _plain(load_config("grpo_entropy_on_policy")), _plain(LpregConfig()))
     assert found == ["algorithm.entropy_coef: not in the fixture, and 0.001 instead of the "
                      "schema's default 0.0"]
+
+
+# --- how recipes extend each other -------------------------------------------------------
+
+def _write(directory: Path, name: str, text: str) -> Path:
+    path = directory / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_bases_merge_first_in_order_and_chain(tmp_path):
+    _write(tmp_path, "root", "trainer: {total_steps: 7, eval_every: 3}\nalgorithm: {loss: gspo}\n")
+    _write(tmp_path, "middle", "extends: root\ntrainer: {total_steps: 9}\n")
+    _write(tmp_path, "mixin", "trainer: {eval_every: 5, total_steps: 11}\n")
+    recipe = _write(tmp_path, "top", "extends: [middle, mixin]\ntrainer: {run_name: top}\n")
+    cfg = load_config(str(recipe))
+    # root, then middle over it, then mixin over both, then the recipe itself.
+    assert (cfg.algorithm.loss, cfg.trainer.total_steps, cfg.trainer.eval_every,
+            cfg.trainer.run_name) == ("gspo", 11, 5, "top")
+    # Command-line overrides still come last.
+    assert load_config(str(recipe), ["trainer.total_steps=2"]).trainer.total_steps == 2
+
+
+def test_a_base_shared_by_two_bases_is_merged_once(tmp_path):
+    _write(tmp_path, "shared", "trainer: {total_steps: 7, eval_every: 3}\n")
+    _write(tmp_path, "first", "extends: shared\ntrainer: {total_steps: 9}\n")
+    _write(tmp_path, "second", "extends: shared\ntrainer: {eval_every: 4}\n")
+    recipe = _write(tmp_path, "top", "extends: [first, second]\n")
+    # Merging shared again before second would put total_steps back to 7.
+    assert load_config(str(recipe)).trainer.total_steps == 9
+
+
+def test_a_user_recipe_extends_a_shipped_one_or_a_file_beside_it(tmp_path):
+    (tmp_path / "mine").mkdir()
+    _write(tmp_path / "mine", "cluster", "rollout: {num_workers: 2}\nlearner: {num_workers: 2}\n")
+    recipe = _write(tmp_path, "run", "extends: [lp_reg_off_policy, mine/cluster.yaml]\n"
+                                     "model: {path: /models/qwen3}\n")
+    cfg = load_config(str(recipe))
+    assert (cfg.algorithm.loss, cfg.algorithm.mini_batches_per_step, cfg.rollout.num_workers,
+            cfg.model.path) == ("lp_reg", 8, 2, "/models/qwen3")
+
+
+def test_a_cycle_is_refused_naming_the_files(tmp_path):
+    _write(tmp_path, "a", "extends: b\n")
+    _write(tmp_path, "b", "extends: a\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(str(tmp_path / "a.yaml"))
+    _write(tmp_path, "self", "extends: self\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(tmp_path / "self.yaml"))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("extends: nowhere\n", r"middle\.yaml: base recipe 'nowhere' not found"),
+    ("extends: {a: 1}\n", r"middle\.yaml: 'extends' takes a recipe name or path"),
+    ("extends: [3]\n", r"middle\.yaml: 'extends' takes a recipe name or path"),
+    ("trainer: {total_stepz: 3}\n", r"middle\.yaml: unknown config key 'trainer.total_stepz'"),
+    ("trainer: [1\n", r"middle\.yaml: not valid YAML"),
+])
+def test_a_bad_base_is_named(tmp_path, text, message):
+    _write(tmp_path, "middle", text)
+    recipe = _write(tmp_path, "top", "extends: middle\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(recipe))
+
+
+def test_the_command_line_prints_the_resolved_recipe_and_refuses_a_cycle(tmp_path, capsys):
+    from launch.cli.main import main
+
+    assert main(["train", "-c", "clip_higher_off_policy", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = yaml.safe_load((FIXTURES / "clip_higher_off_policy.yaml").read_text())
+    assert not _differences(expected, printed, _plain(LpregConfig()))
+    assert "extends" not in printed
+    _write(tmp_path, "loop", "extends: loop\n")
+    assert main(["train", "-c", str(tmp_path / "loop.yaml"), "--print-config"]) == 2
+    assert "cycle" in capsys.readouterr().err

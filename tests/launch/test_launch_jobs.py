@@ -350,6 +350,17 @@ def test_recipe_file_outside_project_is_a_config_error(tmp_path):
         recipe_argument(str(recipe), tmp_path / "proj")
 
 
+def test_recipe_file_extending_a_file_outside_project_is_a_config_error(tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (tmp_path / "base.yaml").write_text("trainer:\n  total_steps: 2\n")
+    (project / "r.yaml").write_text("extends: [lp_reg_on_policy, ../base.yaml]\n")
+    with pytest.raises(jobs.ConfigError, match="extends .*base.yaml, which is outside"):
+        recipe_argument(str(project / "r.yaml"), project)
+    (project / "r.yaml").write_text("extends: lp_reg_on_policy\n")
+    assert recipe_argument(str(project / "r.yaml"), project) == "r.yaml"
+
+
 def test_unknown_recipe_is_a_config_error():
     with pytest.raises(jobs.ConfigError, match="not found"):
         recipe_argument("no_such_recipe", PROJECT_DIR)

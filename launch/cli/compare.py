@@ -72,7 +72,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          help="comma-separated seeds, each run by every arm (default: 0,1,2)")
     compare.add_argument("--out", default="compare", help="output directory (default: ./compare)")
     compare.add_argument("--parallel", type=int, default=1, metavar="N",
-                         help="runs at a time (default 1; more on a Ray cluster, see the README)")
+                         help="runs at a time (default 1; more on a Ray cluster, see docs/compare.md)")
     compare.add_argument("--report-only", action="store_true",
                          help="start no run: summarise and plot the runs that have finished")
     add_overrides_argument(compare, "overrides for every arm, e.g. trainer.total_steps=300")

@@ -105,7 +105,7 @@ def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig
     if accuracy < cfg.warm_start_target_accuracy:
         log.warning("warm start used all %d steps and reached %.1f%% probe accuracy, short of "
                     "model.tiny.warm_start_target_accuracy=%.0f%%: RL learns little from a model "
-                    "that is rarely right (see Troubleshooting in the README)", step,
+                    "that is rarely right (see docs/troubleshooting.md)", step,
                     100 * accuracy, 100 * cfg.warm_start_target_accuracy)
     return {"steps": step, "final_loss": loss_value, "probe_accuracy": accuracy,
             "seconds": time.perf_counter() - start}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
-from learner.batch import LearnerShard, RaggedBatch, TrainBatch
+from learner.batch import LearnerShard
 
 
 @dataclass
@@ -220,32 +220,6 @@ class Learner:
             world_size=self.world_size, backward=backward, optimizer_step=optimizer_step,
             logits_chunk_tokens=self.cfg.logits_chunk_tokens, reference=self.reference)
         return LearnerStepResult(rank=self.rank, metrics=metrics, num_optimizer_steps=steps)
-
-    def compute_log_probs(self, batch: RaggedBatch | TrainBatch):
-        """log pi_theta of each response token under the current weights (no grad), ``(B, R)``
-        with R the longest response; padding reads 0."""
-        import torch
-
-        from learner.batch import micro_batch_rows
-        from learner.step import response_token_stats
-
-        self.engine.eval()
-        module = self.engine.module
-        device = next(module.parameters()).device
-        kwargs = dict(temperature=self.temperature, top_p=self.top_p, proxy_min_p=None,
-                      proxy_temperature=1.0, compute_entropy=False,
-                      logits_chunk_tokens=self.cfg.logits_chunk_tokens)
-        with torch.no_grad():
-            if isinstance(batch, TrainBatch):
-                return response_token_stats(module, batch.to(device), **kwargs).log_prob.cpu()
-            # Micro-batches as in training, so memory stays within the same budget.
-            out = torch.zeros(len(batch), max(1, int(batch.response_lengths.max())))
-            for rows in micro_batch_rows(batch, micro_batch_size=self.cfg.micro_batch_size,
-                                         max_tokens_per_micro_batch=self.cfg.max_tokens_per_micro_batch):
-                micro = batch.select(rows).pad().to(device)
-                log_prob = response_token_stats(module, micro, **kwargs).log_prob
-                out[rows, :log_prob.shape[1]] = log_prob.cpu().to(out.dtype) * micro.response_mask.cpu()
-        return out
 
     # -- weight export ------------------------------------------------------------------
     def _full_parameters(self, copy: bool) -> list:

@@ -421,16 +421,6 @@ def shard_for_learners(batch: RaggedBatch, num_mini_batches: int, num_ranks: int
     return shards
 
 
-def micro_batch_rows(batch: RaggedBatch, *, micro_batch_size: int = 0,
-                     max_tokens_per_micro_batch: int = 0) -> list[list[int]]:
-    """Rows of each micro-batch when one rank takes the whole batch (e.g. a no-grad pass)."""
-    rows = list(range(len(batch)))
-    if max_tokens_per_micro_batch > 0:
-        lengths = list(zip(batch.prompt_lengths.tolist(), batch.response_lengths.tolist(), strict=True))
-        return _token_budget_plan(rows, lengths, 1, max_tokens_per_micro_batch)[0]
-    return _count_plan(rows, 1, micro_batch_size)[0]
-
-
 def _count_plan(rows: list[int], num_ranks: int, micro_batch_size: int) -> list[list[list[int]]]:
     plan = []
     for rank in range(num_ranks):

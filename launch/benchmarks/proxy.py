@@ -29,9 +29,6 @@ import json
 import math
 import os
 
-AGREEMENT_KEYS = ("kept_agreement", "regularized_exact", "regularized_behaviour",
-                  "regularized_both", "regularized_jaccard")
-
 
 def _top_lists(position_logprobs: dict, k: int) -> tuple[list[int], list[float]]:
     """The K most likely tokens at one position, most likely first, from vLLM's dict."""

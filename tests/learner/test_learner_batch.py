@@ -8,7 +8,6 @@ import torch
 from learner.batch import (
     RaggedBatch,
     build_train_batch,
-    micro_batch_rows,
     padded_cost,
     shard_for_learners,
     split_by_tokens,
@@ -159,10 +158,3 @@ def test_split_by_tokens_gives_exactly_the_count_asked():
         assert sorted(i for g in groups for i in g) == list(range(8))
     with pytest.raises(ValueError):
         split_by_tokens(lengths, 9)
-
-
-def test_micro_batch_rows_for_a_single_rank_pass():
-    batch = long_tailed_batch(10, seed=2)
-    rows = micro_batch_rows(batch, max_tokens_per_micro_batch=600)
-    assert sorted(r for group in rows for r in group) == list(range(10))
-    assert micro_batch_rows(batch, micro_batch_size=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -7,13 +7,13 @@ import logging
 import sys
 
 from conf.errors import ConfigError
-from launch.cli import bench, bootstrap, compare, eval, jobs, plot, tool, train
+from launch.cli import bench, bootstrap, compare, config, eval, jobs, plot, tool, train
 from launch.cluster.remote import RunStopped
 from launch.data.prompts import DataError
 
 EXIT_CONFIG = 2
 EXIT_RUN_STOPPED = 1
-COMMANDS = (train, bootstrap, eval, plot, compare, bench, jobs, tool)
+COMMANDS = (train, config, bootstrap, eval, plot, compare, bench, jobs, tool)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,9 +43,10 @@ demo: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-# The docs first: a few seconds, and a broken link fails the target before the long
-# suite starts.
+# The docs, lint, then the tests: the first two take seconds, and a broken link or a
+# lint finding fails the target before the long suite starts.
 test: docs
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 test-unit: install

@@ -7,9 +7,11 @@ on many real clusters) and nodes A and B of 2 CPUs each, in a temp folder of its
 rank. The cluster's health checks are fast (a node is declared dead after about 3 s
 instead of 15 s) so that the test stays short; lpreg reads them from the cluster.
 
-1. Node C (2 CPUs) joins, idle. The node holding learner-1 is removed with
-   ``allow_graceful=False``: its raylet and both actors die at once. The rollout worker's
-   replacement and the rebuilt learner group find room on C; training goes on.
+1. Node C (2 CPUs) joins, idle. The node holding learner-0 is removed with
+   ``allow_graceful=False``: its raylet and both actors die at once. Rank 0 is the rank
+   that is hard to lose: it leads the DeepSpeed rendezvous, and the weights it exported
+   lay in that node's object store. The rollout worker's replacement and the rebuilt
+   learner group find room on C; training goes on.
 2. C is removed in turn, taking the replacements with it, and no node has room. The run
    waits for one (``ray.node_wait_s``); node D joins within the wait, the learner group is
    rebuilt there from the newest checkpoint, and the run finishes every step.
@@ -233,9 +235,9 @@ def node_loss(tmp_path_factory):
         wait(run, lambda: steps.poll() > SAVE_EVERY, "a checkpoint", log, steps)
         on_nodes = {n: actors_on(run, n) for n in (a.node_id, b.node_id)}
 
-        # 1. A spare node joins; the node holding learner-1 goes, with its rollout worker.
+        # 1. A spare node joins; the node holding learner-0 goes, with its rollout worker.
         spare = cluster.add(2)
-        first_victim = learner_node(run, 1)
+        first_victim = learner_node(run, 0)
         survivor = b.node_id if first_victim == a.node_id else a.node_id
         lost_first = actors_on(run, first_victim)
         removed_1 = time.time()
@@ -327,14 +329,14 @@ def test_the_run_finishes_every_step_after_losing_two_nodes(node_loss):
 
 def test_the_lost_actors_are_named_and_replaced_where_there_is_room(node_loss):
     log, nodes = node_loss["log"], node_loss["nodes"]
-    assert "learner-1" in node_loss["lost_first"] and len(node_loss["lost_first"]) == 2
+    assert "learner-0" in node_loss["lost_first"] and len(node_loss["lost_first"]) == 2
     lost_rollout = next(n for n in node_loss["lost_first"] if n.startswith("rollout-"))
     assert re.search(rf"{lost_rollout} \(pid \d+, live\) (became unreachable|died)", log), log[-6000:]
     # The first replacements went to the spare node; after it was lost too, to the new one.
     assert sorted(node_loss["on_spare"]) == sorted(node_loss["lost_first"])
     final = {a["name"]: a["node_id"] for kind in ("rollout", "learner")
              for a in node_loss["actors"][kind]}
-    assert final[lost_rollout] == nodes["joined"] and final["learner-1"] == nodes["joined"]
+    assert final[lost_rollout] == nodes["joined"] and final["learner-0"] == nodes["joined"]
     assert log.count("recovered the learners") == 2
 
 

@@ -313,7 +313,7 @@ class AlgorithmConfig:
             "sequence whose geometric-mean ratio lies outside [1 / cap, cap]; none: no correction")
     rollout_correction_cap: float = within(2.0, gt=1, doc="cap of tis and mis")
     # "auto" picks behaviour off-policy because the learner's policy measured far worse
-    # there on the demo (README); in lock-step the two are the same policy.
+    # there on the demo (docs/algorithms.md); in lock-step the two are the same policy.
     stale_policy: str = one_of(
         "auto", STALE_POLICIES,
         doc="which policy is pi_old (the ratio's denominator, and the source of Lp-Reg's proxy) for "

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
         return _supervised(args)
     from launch.training.loop import Trainer, improvement_summary
 
-    result = Trainer(cfg).run()
+    result = Trainer(cfg, verbose=args.verbose).run()
     print(f"run finished: {result.steps} steps, metrics in {result.run_dir / 'metrics.jsonl'}")
     summary = improvement_summary(result.evaluations)
     if summary:
@@ -37,6 +37,8 @@ def _supervised(args: argparse.Namespace) -> int:
     from launch.training.supervise import supervise
 
     command = [sys.executable, "-m", "launch.cli", "train"]
+    if args.verbose:
+        command.append("--verbose")
     if args.config:
         command += ["-c", args.config]
     return supervise(command + list(args.overrides), args.retries)
@@ -54,6 +56,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_recipe_argument(train)
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config and exit")
+    train.add_argument("-v", "--verbose", action="store_true",
+                       help="show every actor's output (vLLM, DeepSpeed, Ray) live, nothing "
+                            "silenced; without it the terminal shows lpreg's own lines and "
+                            "each actor's output goes to <run dir>/logs/<actor>.log")
     add_retries_argument(train)
     add_overrides_argument(train, "dotted overrides, e.g. trainer.total_steps=10")
     train.set_defaults(func=run)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from conf.schema import AlgorithmConfig, LearnerConfig, ModelConfig
 from launch.cluster.remote import is_actor_death, wait_named
+from launch.reporting.output import actor_log_env
 from learner.actor import Learner
 from learner.batch import RaggedBatch, shard_for_learners
 
@@ -36,7 +37,8 @@ class LearnerGroup:
         actor_cls = ray.remote(Learner)
         self.workers = []
         for rank in range(cfg.num_workers):
-            options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker)
+            options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
+                           runtime_env={"env_vars": actor_log_env(f"learner-{rank}")})
             if placement is not None:
                 options["scheduling_strategy"] = placement(rank)
             self.workers.append(actor_cls.options(**options).remote(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from pathlib import Path
 
 from conf.schema import LpregConfig
 
@@ -21,23 +23,40 @@ def cluster_address(cfg: LpregConfig) -> str | None:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def connect(cfg: LpregConfig) -> str:
-    """Start or join Ray; returns a description of which."""
+def connect(cfg: LpregConfig, logs_dir: Path | None = None, verbose: bool = True) -> str:
+    """Start or join Ray; returns a description of which.
+
+    ``logs_dir``: every actor sends its own output to a file there (launch.reporting.output).
+    ``verbose=False``: Ray streams nothing from the actors to this terminal, and says
+    nothing below a warning itself.
+    """
     import ray
+
+    from launch.reporting.output import ray_runtime_env
 
     if ray.is_initialized():
         return "existing connection"
     address = cluster_address(cfg)
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    common = dict(runtime_env=ray_runtime_env(logs_dir, verbose), log_to_driver=verbose,
+                  logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, **common)
         return f"cluster at {address}"
     cpus, gpus = required_resources(cfg)
     # "local" always starts a private cluster: a bare ray.init() would try to join a
     # stale cluster left in Ray's temp folder by an earlier `ray start`.
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus))
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=math.ceil(gpus) or None,
-             include_dashboard=False, runtime_env=env, log_to_driver=True)
+    # A private cluster always has token authentication on, and Ray says so at every
+    # start; it stays on, unannounced.
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = auth_log.level
+    if not verbose:
+        auth_log.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=math.ceil(gpus) or None,
+                 include_dashboard=False, **common)
+    finally:
+        auth_log.setLevel(level)
     return f"local Ray with {num_cpus} logical CPUs"
 
 

@@ -41,6 +41,7 @@ from launch.cluster.remote import (
     is_actor_death,
     is_unreachable,
 )
+from launch.reporting.output import actor_log_env
 from rollout.types import GroupRequest, GroupResult, WorkerReport
 from rollout.worker import RolloutWorker, engine_env
 
@@ -476,7 +477,7 @@ class RolloutPool:
 
         options = dict(num_cpus=self.cfg.cpus_per_worker,
                        num_gpus=self.cfg.gpus_per_worker * self.cfg.tensor_parallel_size,
-                       runtime_env={"env_vars": engine_env(self.cfg)},
+                       runtime_env={"env_vars": {**engine_env(self.cfg), **actor_log_env(slot.name)}},
                        max_concurrency=WORKER_CONCURRENCY, max_restarts=0)
         if self.placement is not None:
             options["scheduling_strategy"] = self.placement.rollout(slot.index)

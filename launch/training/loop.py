@@ -26,6 +26,7 @@ from launch.data.prepare import load_prompts, prepare_prompts
 from launch.data.prompts import PromptSampler
 from launch.models.resolve import resolve_model_path
 from launch.reporting.metrics import MetricsWriter
+from launch.reporting.output import quiet_driver
 from launch.reporting.progress import Progress
 from launch.training import checkpoint
 from launch.training.evaluation import EvalResult, evaluate, load_eval_results
@@ -61,10 +62,13 @@ class LearnerLost(RuntimeError):
 class Trainer:
     """Runs one training job: start the actors, then step after step, healing as it goes."""
 
-    def __init__(self, cfg: LpregConfig):
+    def __init__(self, cfg: LpregConfig, verbose: bool = False):
+        """``verbose``: every actor's output live on this terminal, nothing silenced;
+        otherwise only lpreg's own lines, and the actors' output in ``<run dir>/logs/``."""
         from conf.validate import resolve_auto
 
         self.cfg = resolve_auto(cfg)
+        self.verbose = verbose
         self.pool = self.learners = self.sync = self.pipeline = None
         self.evaluations: list[EvalResult] = []
         self.learner_restarts = 0
@@ -79,6 +83,8 @@ class Trainer:
         from verifier import MathVerifier
 
         cfg = self.cfg
+        if not self.verbose:
+            quiet_driver()
         # Everything that can be wrong with the checkpoint or the data is found before
         # anything is written or started: a bad row costs no model build and leaves no
         # run directory behind.
@@ -102,9 +108,10 @@ class Trainer:
         import ray
 
         started_ray = not ray.is_initialized()
-        where = ray_setup.connect(cfg)
+        where = ray_setup.connect(cfg, self.run_dir / "logs", self.verbose)
         ray_setup.check_capacity(cfg)
-        log.info("Ray: %s; model: %s; run directory: %s", where, self.model_path, self.run_dir)
+        log.info("Ray: %s; model: %s; run directory: %s%s", where, self.model_path, self.run_dir,
+                 " (actors' output in logs/)" if started_ray else "")
 
         self.verifier = MathVerifier.from_config(cfg.verifier)
         self.placement = progress = None

@@ -22,7 +22,7 @@ KL_TYPES = ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3")
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 LP_REG_THRESHOLD_SCOPES = ("batch", "micro_batch")
 STALE_POLICIES = ("auto", "learner", "behaviour")
-SYNTHETIC_KINDS = ("sum", "linear", "fraction")
+SYNTHETIC_KINDS = ("sum", "linear", "fraction", "spark_sum")
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
 WEIGHT_SYNC_TRANSPORTS = ("auto", "object_store", "broadcast", "nccl")
 # Older names a key still accepts, and what they mean now.
@@ -130,7 +130,9 @@ class SyntheticTaskConfig:
 
     kind: str = one_of(
         "sum", SYNTHETIC_KINDS, doc="sum: a+b(+c...)=; linear: solve a*x+b=c for the integer x; "
-                                    "fraction: a/b+c/d(+...)= in lowest terms")
+                                    "fraction: a/b+c/d(+...)= in lowest terms; spark_sum: the problems of "
+                                    "sum (try num_operands=4), warm-started on responses that sometimes "
+                                    "recheck after a spark token (docs/data.md)")
     num_operands: int = within(2, ge=2, doc="operands of a sum or fraction problem")
     min_operand: int = doc(10, "smallest operand (at most max_operand)")
     max_operand: int = doc(99, "largest operand")
@@ -426,6 +428,14 @@ class TrainerConfig:
         "(Weights & Biases; WANDB_MODE=offline keeps it off the network), each in the run directory")
     project: str = doc("lpreg", "the W&B project")
     experiment: str | None = doc(None, "the W&B run name; null: trainer.run_name")
+    watch_tokens: list[str] = doc(
+        [], "strings whose share of the sampled tokens and mean sampled probability each step logs "
+            "(watch/<string>/sampled_frac, watch/<string>/sampled_prob): each is watched as the token the "
+            "tokenizer makes of it, with and without a leading space; a string of several tokens by its "
+            "first token (docs/algorithms.md)")
+    watch_hist_every: int = within(
+        0, ge=0, doc="steps between two histograms of each watched token's sampled probabilities "
+                     "(watch/<string>/prob_hist, in metrics.jsonl; 0: none)")
 
 
 @dataclass

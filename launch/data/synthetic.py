@@ -3,6 +3,10 @@
 ``sum``: ``a+b=`` (more operands make more steps). ``linear``: ``a*x+b=c, x=`` with an
 integer solution. ``fraction``: ``a/b+c/d=`` (numerators from the operand range,
 denominators 2-9), answered in lowest terms as ``p/q``, or ``p`` when it is whole.
+``spark_sum``: the problems of ``sum`` (meant with ``num_operands=4``), whose warm-start
+responses (``warm_start_response``) are mixed: mostly a direct guess, sometimes the guess
+followed by a "reasoning spark" token, a worked recheck and a corrected answer, in the
+spirit of Fig. 1a of the Lp-Reg paper (see docs/data.md).
 The operand range sets the difficulty.
 """
 
@@ -43,7 +47,65 @@ SYNTHETIC_TASKS: dict[str, Callable[[random.Random, SyntheticTaskConfig], Proble
     "sum": sum_problem,
     "linear": linear_problem,
     "fraction": fraction_problem,
+    "spark_sum": sum_problem,
 }
+
+# spark_sum's warm-start responses. Every symbol is a character the tiny tokenizer already
+# has, so the tokenizer (and every other task's model) stays as it is.
+SPARK_TOKEN = "W"
+# The spark's share at its decision position, just after the first answer: rare, as a
+# reasoning spark is in a base model, so that plain policy gradient can stamp it out.
+SPARK_SHARE = 0.10
+# Inert distractors at the same position: a symbol, then the end; the answer stands. They
+# are the noise tail that Lp-Reg's min-p filter is meant to remove (about 0.5% each).
+DISTRACTORS = tuple("#$&@~^|?")
+DISTRACTOR_SHARE = 0.04
+# A spark follows a doubtful guess: in this share of the spark responses the guess is off
+# by a few units or tens, and the recheck corrects it.
+SPARK_WRONG_GUESS = 0.5
+
+
+def _boxed(answer: object) -> str:
+    return "\\boxed{" + str(answer) + "}"
+
+
+def spark_response(prompt: str, answer: str, rng: random.Random) -> str:
+    """One warm-start response to a ``spark_sum`` problem ``a+b+...=``.
+
+    Direct: ``\\boxed{180}``. Spark: the guess, ``W``, the running sums
+    ``12+34=46+56=102+78=180`` and the corrected answer ``\\boxed{180}``; the verifier reads
+    the last box, so both paths are scored on their final answer. Distractor: the guess and
+    one inert symbol."""
+    operands = [int(x) for x in prompt.rstrip("=").split("+")]
+    draw = rng.random()
+    if draw < SPARK_SHARE:
+        guess = int(answer)
+        if rng.random() < SPARK_WRONG_GUESS:
+            guess += rng.choice((-1, 1)) * rng.choice((1, 2, 10, 20))
+        chain, total = str(operands[0]), operands[0]
+        for value in operands[1:]:
+            total += value
+            chain += f"+{value}={total}"
+        return f"{_boxed(guess)}{SPARK_TOKEN}{chain}{_boxed(total)}"
+    if draw < SPARK_SHARE + DISTRACTOR_SHARE:
+        return _boxed(answer) + rng.choice(DISTRACTORS)
+    return _boxed(answer)
+
+
+def warm_start_response(kind: str, prompt: str, answer: str, rng: random.Random) -> str:
+    """The supervised response the tiny model's warm start trains on for one problem."""
+    if kind == "spark_sum":
+        return spark_response(prompt, answer, rng)
+    return _boxed(answer)
+
+
+def final_answer(response: str) -> str | None:
+    """What the verifier reads from a warm-start-style response: the last ``\\boxed{}``."""
+    start = response.rfind("\\boxed{")
+    if start < 0:
+        return None
+    end = response.find("}", start)
+    return response[start + len("\\boxed{"):end] if end >= 0 else None
 
 
 def synthetic_problems(task: SyntheticTaskConfig, num_problems: int,

@@ -19,7 +19,7 @@ import torch
 
 from conf.schema import SyntheticTaskConfig, TinyModelConfig
 from launch.data.prompts import PromptRecord
-from launch.data.synthetic import synthetic_problems
+from launch.data.synthetic import final_answer, synthetic_problems, warm_start_response
 
 log = logging.getLogger("lpreg.bootstrap")
 
@@ -29,12 +29,16 @@ def format_answer(answer: str) -> str:
     return "\\boxed{" + answer + "}"
 
 
-def _encode(tokenizer, records: list[PromptRecord]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded prompt+response ids, with labels only on the response and EOS."""
+def _encode(tokenizer, records: list[PromptRecord],
+            responses: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+response ids, with labels only on the response and EOS.
+
+    ``responses``: the responses to train on; None: each answer boxed."""
     rows, labels = [], []
-    for record in records:
+    responses = responses or [format_answer(record.answer) for record in records]
+    for record, text in zip(records, responses, strict=True):
         prompt = tokenizer(record.prompt)["input_ids"]
-        response = tokenizer(format_answer(record.answer))["input_ids"] + [tokenizer.eos_token_id]
+        response = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + response)
         labels.append([-100] * len(prompt) + response)
     width = max(len(r) for r in rows)
@@ -48,8 +52,14 @@ def _encode(tokenizer, records: list[PromptRecord]) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, records: list[PromptRecord], max_new_tokens: int = 16,
-                    batch_size: int = 250) -> float:
-    """Share of problems whose greedy answer is exactly right (plain torch, no vLLM)."""
+                    batch_size: int = 250, kind: str = "sum") -> float:
+    """Share of problems whose greedy answer is exactly right (plain torch, no vLLM).
+
+    ``kind=spark_sum``: responses may recheck, so the last box is what counts, as for the
+    verifier, and they get room for the recheck."""
+    spark = kind == "spark_sum"
+    if spark:
+        max_new_tokens = max(max_new_tokens, 64)
     model.eval()
     correct = 0
     for start in range(0, len(records), batch_size):
@@ -66,7 +76,10 @@ def greedy_accuracy(model, tokenizer, records: list[PromptRecord], max_new_token
                              eos_token_id=tokenizer.eos_token_id)
         for record, row in zip(chunk, out[:, width:], strict=True):
             text = tokenizer.decode(row, skip_special_tokens=True)
-            correct += text.strip() == format_answer(record.answer)
+            if spark:
+                correct += final_answer(text) == record.answer
+            else:
+                correct += text.strip() == format_answer(record.answer)
     model.train()
     return correct / len(records)
 
@@ -79,6 +92,8 @@ def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig
     it stops as soon as greedy accuracy on a probe set reaches the target.
     """
     rng = random.Random(cfg.seed)
+    # Its own stream, so that the problems each step draws do not depend on the task's responses.
+    response_rng = random.Random(cfg.seed + 1)
     probe = synthetic_problems(task, cfg.warm_start_probe_problems, seed=cfg.seed + 104729)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start_lr, weight_decay=0.0)
     warmup = max(1, cfg.warm_start_warmup_steps)
@@ -88,7 +103,8 @@ def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig
     loss_value, accuracy, step = float("nan"), 0.0, 0
     for step in range(1, cfg.warm_start_steps + 1):
         records = synthetic_problems(task, cfg.warm_start_batch_size, seed=rng.randrange(2**31))
-        ids, labels = _encode(tokenizer, records)
+        responses = [warm_start_response(task.kind, r.prompt, r.answer, response_rng) for r in records]
+        ids, labels = _encode(tokenizer, records, responses)
         loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -97,7 +113,7 @@ def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig
         schedule.step()
         loss_value = loss.item()
         if step % cfg.warm_start_probe_every == 0 or step == cfg.warm_start_steps:
-            accuracy = greedy_accuracy(model, tokenizer, probe)
+            accuracy = greedy_accuracy(model, tokenizer, probe, kind=task.kind)
             log.info("warm start %d/%d loss %.4f probe accuracy %.1f%% (%.0fs)", step,
                      cfg.warm_start_steps, loss_value, 100 * accuracy, time.perf_counter() - start)
             if accuracy >= cfg.warm_start_target_accuracy:
@@ -142,7 +158,8 @@ def bootstrap(output_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskC
         if cfg.warm_start_steps > 0:
             report["warm_start"] = warm_start(model, tokenizer, task, cfg)
             held_out = synthetic_problems(task, eval_problems, seed=cfg.seed + 7919)
-            report["warm_start"]["greedy_accuracy"] = greedy_accuracy(model, tokenizer, held_out)
+            report["warm_start"]["greedy_accuracy"] = greedy_accuracy(model, tokenizer, held_out,
+                                                                      kind=task.kind)
             log.info("warm-started model: greedy accuracy %.1f%% on %d held-out problems",
                      100 * report["warm_start"]["greedy_accuracy"], len(held_out))
     finally:

@@ -36,6 +36,7 @@ from launch.training.step_metrics import (
     prompt_ids_hash,
     summarize_rollout,
 )
+from launch.training.watch import watch_hist_due, watch_metrics, watch_token_ids
 
 log = logging.getLogger("lpreg")
 
@@ -332,6 +333,10 @@ class Trainer:
         metrics = summarize_rollout(batch.samples, batch.rewards, cfg.rollout.max_response_tokens)
         metrics.update(probability_buckets(train_batch.rollout_log_probs))
         metrics["data/prompt_ids_hash"] = prompt_ids_hash(batch.records)
+        if cfg.trainer.watch_tokens:
+            watched = watch_token_ids(self.tokenizer, cfg.trainer.watch_tokens)
+            metrics.update(watch_metrics(batch.samples, watched,
+                                         histogram=watch_hist_due(step, cfg.trainer.watch_hist_every)))
         metrics.update(batch.metrics)
         metrics.update(average_learner_metrics(learner_results))
         num_tokens = sum(len(s.response_token_ids) for s in batch.samples)

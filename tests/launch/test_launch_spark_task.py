@@ -1,0 +1,59 @@
+import random
+
+from conf.schema import SyntheticTaskConfig
+from launch.data.synthetic import (
+    DISTRACTORS,
+    SPARK_SHARE,
+    SPARK_TOKEN,
+    final_answer,
+    spark_response,
+    synthetic_problems,
+    warm_start_response,
+)
+from verifier._mathcheck import score
+from verifier.extract import extract_answer
+
+TASK = SyntheticTaskConfig(kind="spark_sum", num_operands=4, min_operand=10, max_operand=99)
+
+
+def _responses(n=4000, seed=0):
+    rng = random.Random(seed)
+    return [(r, warm_start_response(TASK.kind, r.prompt, r.answer, rng))
+            for r in synthetic_problems(TASK, n, seed=seed)]
+
+
+def test_spark_share_at_the_decision_position_is_rare_with_a_noise_tail():
+    pairs = _responses()
+    # The decision position: the token right after the first answer's closing brace.
+    after = [text[text.index("}") + 1:text.index("}") + 2] for _, text in pairs]
+    spark = sum(c == SPARK_TOKEN for c in after) / len(after)
+    noise = sum(c in DISTRACTORS for c in after) / len(after)
+    assert 0.05 <= spark <= 0.15 and abs(spark - SPARK_SHARE) < 0.02
+    assert 0.02 <= noise <= 0.06
+    assert len({c for c in after if c in DISTRACTORS}) == len(DISTRACTORS)
+    assert max(len(text) for _, text in pairs) <= 50 and min(len(text) for _, text in pairs) >= 5
+
+
+def test_both_paths_end_in_the_right_answer_as_the_verifier_reads_it():
+    pairs = _responses(2000, seed=1)
+    sparks = [(r, t) for r, t in pairs if SPARK_TOKEN in t]
+    # Some spark responses correct a wrong guess; the recheck is what makes them right.
+    assert sparks and any(final_answer(t[:t.index("}") + 1]) != r.answer for r, t in sparks)
+    for record, text in pairs:
+        assert final_answer(text) == record.answer
+        assert extract_answer(text) == record.answer and score(extract_answer(text), record.answer) == 1.0
+
+
+def test_the_recheck_is_running_sums_and_a_wrong_final_answer_scores_zero():
+    text = next(t for seed in range(200)
+                if SPARK_TOKEN in (t := spark_response("12+34+56+78=", "180", random.Random(seed))))
+    assert text.endswith(f"{SPARK_TOKEN}12+34=46+56=102+78=180\\boxed{{180}}")
+    wrong = "\\boxed{180}W12+34=46+56=102+78=181\\boxed{181}"
+    assert score(extract_answer(wrong), "180") == 0.0
+    assert score(extract_answer("\\boxed{180}#"), "180") == 1.0
+
+
+def test_other_kinds_keep_the_plain_boxed_response():
+    rng = random.Random(0)
+    assert all(warm_start_response("sum", "1+2=", "3", rng) == "\\boxed{3}" for _ in range(50))
+    assert rng.random() == random.Random(0).random()  # drew nothing

@@ -102,6 +102,13 @@ def _cell(text: str) -> str:
     return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text.replace("|", r"\|").replace("*", r"\*"))
 
 
+def _code(text: str) -> str:
+    """``text`` as inline code, even when it holds backticks (a Markdown fence as a default)."""
+    if "`" not in text:
+        return f"`{text}`"
+    return f"`` {text} ``"
+
+
 def render() -> str:
     lines = [
         "# Configuration reference",
@@ -124,7 +131,7 @@ def render() -> str:
             lines += [section.about, ""]
         lines += ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
         for k in section.keys:
-            cells = (f"`{k.key}`", _cell(k.type), f"`{yaml_value(k.default)}`", _cell(k.allowed),
+            cells = (f"`{k.key}`", _cell(k.type), _code(yaml_value(k.default)), _cell(k.allowed),
                      _cell(k.meaning or ""))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

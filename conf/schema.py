@@ -217,6 +217,12 @@ class RolloutConfig:
         256, ge=1, doc="MiB per broadcast bucket: neither side holds more than a bucket beyond the model")
     verify_weight_sync: bool = doc(
         False, "after every sync, read back and log a checksum of every engine's weights")
+    # 0 keeps the single-turn path exactly as it was: no tool pool, no marker matching.
+    max_turns: int = within(
+        0, ge=0, doc="tool calls per response: the model's code blocks (tool.code_start ... tool.code_end) "
+                     "run in the sandbox and their output joins the response as an observation, which "
+                     "takes no part in training; rollout.max_response_tokens bounds the whole response, "
+                     "observations included. 0: single turn, no tools")
 
 
 @dataclass
@@ -392,6 +398,11 @@ class ToolConfig:
     plugins: dict[str, str] = doc(
         {}, "more tools by name, each package.module:function, called as function(code: str) -> str in the "
             "caller's process, outside the sandbox; python is built in")
+    # Markers are matched on the decoded text, so any spelling works, across token boundaries.
+    code_start: str = doc("```python", "opens a code block the model writes (rollout.max_turns > 0)")
+    code_end: str = doc("```", "closes it: the response stops here and the code runs")
+    output_start: str = doc("```output", "opens the observation block that holds the code's output")
+    output_end: str = doc("```", "closes the observation block; the model continues after it")
 
 
 @dataclass

@@ -93,13 +93,24 @@ class RaggedBatch:
     staleness: torch.Tensor | None = None  # long
     behaviour_proxy_log_probs: torch.Tensor | None = None
     behaviour_proxy_inexact: torch.Tensor | None = None  # bool
+    # Multi-turn responses: True on the policy's tokens, False on tool observations, which
+    # the padded response_mask then hides like padding. None: every token is the policy's.
+    policy_mask: torch.Tensor | None = None  # bool
 
     def __len__(self) -> int:
         return self.prompt_lengths.shape[0]
 
     def num_tokens(self) -> float:
-        """Response tokens: what the token-mean losses divide by."""
+        """Response tokens the policy produced: what the token-mean losses divide by."""
+        if self.policy_mask is not None:
+            return float(self.policy_mask.sum())
         return float(self.response_lengths.sum())
+
+    def policy_tokens_per_row(self) -> list[int]:
+        if self.policy_mask is None:
+            return self.response_lengths.tolist()
+        starts = _starts(self.response_lengths)
+        return [int(self.policy_mask[a:b].sum()) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
     def sequence_lengths(self) -> list[int]:
         """Prompt + response tokens of each sequence."""
@@ -145,7 +156,8 @@ class RaggedBatch:
         attention_mask = torch.zeros((batch, total), dtype=torch.long)
         response_mask = torch.zeros((batch, response_length), dtype=dtype)
         # Every other per-token field pads with zeros (False); the response mask hides them.
-        flat = {name: getattr(self, name) for name in PER_TOKEN_FIELDS if name != "response_tokens"}
+        flat = {name: getattr(self, name) for name in PER_TOKEN_FIELDS
+                if name not in ("response_tokens", "policy_mask")}
         flat = {name: value for name, value in flat.items() if value is not None}
         padded = {name: value.new_zeros((batch, response_length)) for name, value in flat.items()}
         p_start, r_start = 0, 0
@@ -156,6 +168,8 @@ class RaggedBatch:
             response = self.response_tokens[r_start:r_start + r_len]
             input_ids[row, prompt_length:prompt_length + r_len] = response
             response_mask[row, :r_len] = 1
+            if self.policy_mask is not None:
+                response_mask[row, :r_len] = self.policy_mask[r_start:r_start + r_len].to(dtype)
             for name, value in flat.items():
                 padded[name][row, :r_len] = value[r_start:r_start + r_len]
             p_start, r_start = p_start + p_len, r_start + r_len
@@ -175,7 +189,7 @@ class RaggedBatch:
 
 # RaggedBatch fields with one entry per response token, in the order of response_tokens.
 PER_TOKEN_FIELDS = ("response_tokens", "rollout_log_probs", "staleness", "behaviour_proxy_log_probs",
-                    "behaviour_proxy_inexact")
+                    "behaviour_proxy_inexact", "policy_mask")
 
 
 def _starts(lengths: torch.Tensor) -> list[int]:
@@ -225,6 +239,12 @@ def build_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_token
         advantages=advantages.reshape(-1).to(dtype),
         pad_token_id=pad_token_id,
     )
+    if any(s.response_mask for s in samples):
+        for row, sample in enumerate(samples):
+            if sample.response_mask and len(sample.response_mask) != len(sample.response_token_ids):
+                raise ValueError(f"sample {row}: {len(sample.response_token_ids)} response tokens but "
+                                 f"a mask of {len(sample.response_mask)}")
+        batch.policy_mask = flat([s.policy_mask() for s in samples], torch.bool)
     if learner_version is not None:
         batch.staleness = token_staleness(samples, learner_version)
     if algo is not None and uses_behaviour_proxy(algo):
@@ -295,6 +315,12 @@ def behaviour_proxy(samples: list[Sample], response_tokens: torch.Tensor, *, kap
     proxy, inexact = top_k_proxy_log_prob(top_log_probs, top_ids, response_tokens, kappa,
                                           proxy_temperature, sampling_temperature,
                                           sampled_log_probs=sampled)
+    observation = ~torch.tensor([m for sample in samples for m in sample.policy_mask()], dtype=torch.bool)
+    if observation.any():
+        # Tool observations have no top-K list (the policy did not sample them) and are
+        # masked out of every loss: a finite placeholder keeps NaN out of the masked sums.
+        proxy = proxy.masked_fill(observation, 0.0)
+        inexact = inexact.masked_fill(observation, False)
     return proxy, inexact
 
 
@@ -406,10 +432,11 @@ def shard_for_learners(batch: RaggedBatch, num_mini_batches: int, num_ranks: int
             f"mini-batches over {num_ranks} learner ranks")
     mini_size = size // num_mini_batches
     lengths = list(zip(batch.prompt_lengths.tolist(), batch.response_lengths.tolist(), strict=True))
+    policy_tokens = batch.policy_tokens_per_row()
     shards = [LearnerShard([], [], []) for _ in range(num_ranks)]
     for k in range(num_mini_batches):
         rows = list(range(k * mini_size, (k + 1) * mini_size))
-        tokens = float(sum(lengths[i][1] for i in rows))
+        tokens = float(sum(policy_tokens[i] for i in rows))
         if max_tokens_per_micro_batch > 0:
             plan = _token_budget_plan(rows, lengths, num_ranks, max_tokens_per_micro_batch)
         else:

@@ -30,6 +30,15 @@ class GroupRequest:
     sampling: SamplingSettings
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One tool call inside a multi-turn response (rollout.max_turns > 0)."""
+
+    status: str  # rollout.tools.ToolStatus's value: ok, error, timeout, killed, failed
+    exec_s: float  # the call's wall-clock seconds in the tool
+    observation_tokens: int  # what its observation added to the response (after truncation)
+
+
 @dataclass
 class Sample:
     """One sampled response, with what the learner needs to train on it."""
@@ -52,6 +61,15 @@ class Sample:
     # first. The generating policy's own distribution, without keeping its weights.
     response_top_token_ids: list[list[int]] = field(default_factory=list)
     response_top_logprobs: list[list[float]] = field(default_factory=list)
+    # Multi-turn responses (rollout.max_turns > 0): 1 on the policy's tokens, 0 on the tool
+    # observations between them, which have 0.0 log-probs, empty top-K lists and no part in
+    # training. Empty: every token is the policy's (single turn).
+    response_mask: list[int] = field(default_factory=list)
+    # The response's tool calls, in order; None when multi-turn rollouts are off.
+    tool_calls: list[ToolCall] | None = None
+
+    def policy_mask(self) -> list[int]:
+        return self.response_mask or [1] * len(self.response_token_ids)
 
     def versions(self) -> list[int]:
         return self.token_versions or [self.weight_version] * len(self.response_token_ids)

@@ -14,6 +14,12 @@ on other threads, only queue work and read results:
   the old weights first, and no new one starts until the new weights are in.
 
 The bookkeeping of groups and segments is ``rollout.sample_book.SampleBook``.
+
+With ``rollout.max_turns > 0`` a response may call a tool: where the model closes a code
+block, the engine thread aborts that request and hands the code to a ``ToolPool``; the
+pool's thread, when the call ends, appends the observation and queues the sample's next
+segment in the inbox, as a weight update's continuations are. The engine thread never
+waits on a tool, and keeps stepping the other requests meanwhile.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from conf.schema import ModelConfig, RolloutConfig
-from rollout.sample_book import SampleBook, SampleProgress
+from conf.schema import ModelConfig, RolloutConfig, ToolConfig
+from rollout.multi_turn import Markers, MultiTurn
+from rollout.sample_book import PendingCall, SampleBook, SampleProgress
 from rollout.types import GroupRequest, GroupResult, WorkerReport
 
 WORKER_EXTENSION = "rollout.weight_receiver.RolloutWeightReceiver"
@@ -49,7 +56,7 @@ class RolloutWorker:
     """Wraps one vLLM engine. Created as a threaded Ray actor by the driver's rollout pool."""
 
     def __init__(self, worker_index: int, model_path: str, model_cfg: ModelConfig,
-                 rollout_cfg: RolloutConfig, seed: int) -> None:
+                 rollout_cfg: RolloutConfig, seed: int, tool_cfg: ToolConfig | None = None) -> None:
         os.environ.update(engine_env(rollout_cfg))
         from vllm import LLM
 
@@ -74,8 +81,20 @@ class RolloutWorker:
         )
         self.engine = self.llm.llm_engine
         tokenizer = self.llm.get_tokenizer()
+        self.tools = None
+        multi_turn = None
+        if rollout_cfg.max_turns > 0:
+            from rollout.tools import ToolPool
+
+            tool_cfg = tool_cfg or ToolConfig()
+            self.tools = ToolPool(tool_cfg)
+            multi_turn = MultiTurn(
+                rollout_cfg.max_turns,
+                Markers(tool_cfg.code_start, tool_cfg.code_end, tool_cfg.output_start, tool_cfg.output_end),
+                encode=lambda text: tokenizer.encode(text, add_special_tokens=False))
         self.book = SampleBook(worker_index,
-                               decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+                               decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                               multi_turn=multi_turn)
         # Everything below is guarded by _cv; only the engine thread touches the engine,
         # except while it is parked (_paused) for a weight update.
         self._cv = threading.Condition()
@@ -173,6 +192,8 @@ class RolloutWorker:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
+        if self.tools is not None:
+            self.tools.shutdown(wait=False)
 
     # -- the engine thread -------------------------------------------------------------
     def _engine_loop(self) -> None:
@@ -224,12 +245,41 @@ class RolloutWorker:
                                             detokenized=self.cfg.top_logprobs == 0)
                         if done is not None:
                             self.book.finished.append(done)
+                    calls = self.book.take_calls()
+                    if calls:
+                        self.engine.abort_request([call.request_id for call in calls])
                     self._busy = self.engine.has_unfinished_requests()
                     self._cv.notify_all()
+                for call in calls:
+                    self._call_tool(call)
         except BaseException as err:  # noqa: BLE001 - reported to the driver by poll()
             with self._cv:
                 self._error = err
                 self._cv.notify_all()
+
+    def _call_tool(self, call: PendingCall) -> None:
+        future = self.tools.submit(call.code)
+        future.add_done_callback(lambda f: self._on_tool_result(call, f))
+
+    def _on_tool_result(self, call: PendingCall, future) -> None:
+        """On the tool pool's thread: the observation joins the response, and the sample
+        continues (through the inbox) or finishes."""
+        from rollout.tools import ToolStatus
+
+        try:
+            result = future.result()
+            observation, status, exec_s = result.observation, result.status.value, result.wall_s
+        except BaseException as err:  # noqa: BLE001 - cancelled at stop(), or the pool broke
+            observation, status, exec_s = f"[tool error: {type(err).__name__}]", ToolStatus.FAILED.value, 0.0
+        with self._cv:
+            if self._stopping:
+                return
+            outcome = self.book.add_observation(call.sample, observation, status, exec_s)
+            if isinstance(outcome, SampleProgress):
+                self._inbox.append(outcome)
+            elif outcome is not None:
+                self.book.finished.append(outcome)
+            self._cv.notify_all()
 
     # -- parking the engine --------------------------------------------------------------
     def _park(self) -> None:

@@ -135,8 +135,9 @@ class RolloutPool:
 
     def __init__(self, num_workers: int, model_path: str, model_cfg: ModelConfig,
                  cfg: RolloutConfig, seed: int, placement: Any = None,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, tool_cfg: Any = None) -> None:
         self.cfg = cfg
+        self.tool_cfg = tool_cfg  # the sandbox's settings, for rollout.max_turns > 0
         self.model_path, self.model_cfg, self.seed = model_path, model_cfg, seed
         self.placement = placement
         self._room_checked = 0.0
@@ -482,7 +483,7 @@ class RolloutPool:
         if self.placement is not None:
             options["scheduling_strategy"] = self.placement.rollout(slot.index)
         slot.handle = ray.remote(RolloutWorker).options(**options).remote(
-            slot.index, self.model_path, self.model_cfg, self.cfg, self.seed)
+            slot.index, self.model_path, self.model_cfg, self.cfg, self.seed, self.tool_cfg)
         slot.state, slot.started, slot.waiting_since = "starting", time.monotonic(), None
         slot.pid = slot.node = slot.node_id = None
         slot.busy_s, slot.last_in_flight, slot.interrupted_seen = 0.0, 0, 0

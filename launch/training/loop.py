@@ -169,7 +169,7 @@ class Trainer:
         log.info("placement groups: %s", self.placement.describe())
         self.pool = RolloutPool(cfg.rollout.num_workers, self.model_path, cfg.model, cfg.rollout,
                                 seed=cfg.trainer.seed, placement=self.placement,
-                                on_change=self._write_actors)
+                                on_change=self._write_actors, tool_cfg=cfg.tool)
         self._start_learners()
         self.pipeline = RolloutPipeline(cfg, self.pool, self.sampler,
                                         lambda record: self.prompts.ids_of[id(record)], self.verifier)
@@ -331,7 +331,7 @@ class Trainer:
         step_s = step_end - self._step_end
         self._step_end = step_end
         metrics = summarize_rollout(batch.samples, batch.rewards, cfg.rollout.max_response_tokens)
-        metrics.update(probability_buckets(train_batch.rollout_log_probs))
+        metrics.update(probability_buckets(train_batch.rollout_log_probs, train_batch.policy_mask))
         metrics["data/prompt_ids_hash"] = prompt_ids_hash(batch.records)
         if cfg.trainer.watch_tokens:
             watched = watch_token_ids(self.tokenizer, cfg.trainer.watch_tokens)

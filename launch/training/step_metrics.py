@@ -20,11 +20,14 @@ PROB_BUCKET_KEYS = ("sampled_prob/below_0.01", "sampled_prob/0.01_to_0.1", "samp
 LOW_PROB_MASS_KEY = "sampled_prob/below_0.1"
 
 
-def probability_buckets(logprobs: torch.Tensor) -> dict[str, float]:
+def probability_buckets(logprobs: torch.Tensor, policy_mask: torch.Tensor | None = None) -> dict[str, float]:
     """Share of sampled tokens in each probability bucket, as the generating policy saw them.
 
     ``logprobs``: the step's sampled-token log-probs, flat (``RaggedBatch.rollout_log_probs``);
-    one vectorised pass, since a long-response step holds millions of tokens."""
+    one vectorised pass, since a long-response step holds millions of tokens. ``policy_mask``
+    (``RaggedBatch.policy_mask``) leaves out tool observations, which nothing sampled."""
+    if policy_mask is not None:
+        logprobs = logprobs[policy_mask]
     probs = logprobs.detach().to(torch.float64).exp()
     edges = torch.tensor(PROB_BUCKET_EDGES, dtype=torch.float64)
     # right=True: a probability equal to an edge goes to the bucket above, as "0.1_to_0.5" says.
@@ -48,6 +51,24 @@ def summarize_rollout(samples, rewards: list[float], max_tokens: int) -> dict[st
         "response_length/clip_ratio": sum(s.finish_reason == "length" for s in samples)
         / len(samples),
         "rollout/num_samples": len(samples),
+    } | tool_metrics(samples)
+
+
+def tool_metrics(samples) -> dict[str, float]:
+    """Tool calls of multi-turn responses (rollout.max_turns > 0); none when they are off."""
+    if all(s.tool_calls is None for s in samples):
+        return {}
+    calls = [c for s in samples for c in s.tool_calls or []]
+    tokens = sum(len(s.response_token_ids) for s in samples)
+    observed = sum(c.observation_tokens for c in calls)
+    return {
+        "tool/calls_per_sample": len(calls) / len(samples),
+        "tool/error_frac": sum(c.status in ("error", "killed", "failed") for c in calls) / max(1, len(calls)),
+        "tool/timeout_frac": sum(c.status == "timeout" for c in calls) / max(1, len(calls)),
+        "tool/exec_s": statistics.fmean(c.exec_s for c in calls) if calls else 0.0,
+        # A turn is a stretch of the policy's tokens: one more than the calls.
+        "rollout/turns_mean": 1 + len(calls) / len(samples),
+        "rollout/observation_token_frac": observed / tokens if tokens else 0.0,
     }
 
 

@@ -62,7 +62,9 @@ __all__ = [
     "kl_cov_loss",
     "kl_penalty",
     "lp_reg_k",
+    "lp_reg_kept_mass",
     "lp_reg_loss",
+    "lp_reg_ratio_metrics",
     "lp_reg_selection",
     "lp_reg_threshold",
     "masked_mean",
@@ -75,8 +77,39 @@ KL_TYPES = ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3")
 LP_REG_THRESHOLD_SCOPES = ("batch", "micro_batch")
 
 LOW_PROB = 0.1  # actor/low_prob_frac counts sampled tokens below this probability
-# Metrics that count tokens: summed over micro-batches, epochs and ranks instead of averaged.
-COUNT_METRICS = frozenset({"lp_reg/regularized_tokens"})
+# Lp-Reg's internals are means over tokens spread over micro-batches and ranks: each call
+# reports a sum and a count, both added up, and lp_reg_ratio_metrics divides once at the end.
+LP_REG_RATIOS = {
+    # Of the bottom-rho (selected) tokens, the share the min-p filter keeps.
+    "lp_reg/selected_kept_frac": ("lp_reg/selected_kept_tokens", "lp_reg/selected_tokens"),
+    # Mean of 1 - Z over regularised tokens, Z the probability mass the filter keeps there.
+    "lp_reg/filtered_mass": ("lp_reg/filtered_mass_sum", "lp_reg/regularized_tokens"),
+    # Mean of beta (1/Z - 1) / |A| over regularised tokens: the KL term's pull on the token's
+    # log-prob against the policy gradient's push (on-policy the gradient is about
+    # |A| - beta (1/Z - 1)), so above 1 the token is pulled up.
+    "lp_reg/protection_ratio": ("lp_reg/protection_ratio_sum", "lp_reg/regularized_tokens"),
+}
+# Metrics that count tokens (or add up over tokens): summed over micro-batches, epochs and
+# ranks instead of averaged.
+COUNT_METRICS = frozenset({"lp_reg/regularized_tokens"} | {name for pair in LP_REG_RATIOS.values()
+                                                           for name in pair})
+
+
+def lp_reg_ratio_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The means of ``LP_REG_RATIOS`` from their sums and counts, added up over every
+    micro-batch and rank; none where the count is 0."""
+    return {name: metrics[num] / metrics[den] for name, (num, den) in LP_REG_RATIOS.items()
+            if num in metrics and metrics.get(den, 0) > 0}
+
+
+def lp_reg_kept_mass(old_log_prob: Tensor, proxy_log_prob: Tensor) -> Tensor:
+    """Z, the probability mass the min-p filter keeps at each position, for kept tokens.
+
+    The proxy renormalises the kept tokens, so a kept token's proxy log-prob is its log-prob
+    minus log Z: Z = exp(old_log_prob - proxy_log_prob). Exact where pi_old's log-probs and
+    the proxy are of one distribution, as at temperature 1 (``rollout.temperature`` and
+    ``algorithm.lp_reg_temperature``, the defaults); otherwise an estimate. Clamped to (0, 1]."""
+    return torch.exp(old_log_prob - proxy_log_prob).clamp(min=1e-12, max=1.0)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -328,9 +361,16 @@ def lp_reg_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
     proxy_kl = kl_penalty(log_prob, safe_proxy, algo.kl_type)
     pg_losses = torch.where(regularized, -advantages * ratio + algo.lp_reg_coef * proxy_kl, pg_losses)
     zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
+    kept = proxy > FILTERED_LOG_PROB
+    kept_mass = lp_reg_kept_mass(x.old_log_prob, torch.where(regularized, proxy, x.old_log_prob))
+    protection = algo.lp_reg_coef * (1.0 / kept_mass - 1.0) / advantages.abs().clamp(min=1e-8)
     metrics = {
         "actor/pg_clipfrac": masked_mean(clipped, valid),
         "lp_reg/selected_frac": masked_mean(selected, valid),
+        "lp_reg/selected_tokens": selected.sum().to(log_prob.dtype),
+        "lp_reg/selected_kept_tokens": (selected & kept).sum().to(log_prob.dtype),
+        "lp_reg/filtered_mass_sum": torch.where(regularized, 1.0 - kept_mass, zero).sum(),
+        "lp_reg/protection_ratio_sum": torch.where(regularized, protection, zero).sum(),
         "lp_reg/regularized_frac": masked_mean(regularized, valid),
         "lp_reg/regularized_tokens": regularized.sum().to(log_prob.dtype),
         "lp_reg/proxy_kl": (torch.where(regularized, proxy_kl.detach(), zero).sum()

@@ -64,6 +64,7 @@ BWRAP_PROCESSES = 2  # bwrap and its init in the new pid namespace count against
 CLONE_NEWNET = 0x40000000
 CLONE_NEWIPC = 0x08000000
 CHUNK = 1 << 16
+PROBE_MAX_CHARS = 1 << 16
 DRAIN_S = 2.0  # for the output still in the pipe once every writer is dead
 KILL_WAIT_S = 5.0
 
@@ -249,7 +250,8 @@ class Sandbox:
             return os.getuid()
         return UID_BASE + (os.getpid() << 8) + slot
 
-    def _execute(self, code: str, slot: int, mode: str, python: str) -> ToolResult:
+    def _execute(self, code: str, slot: int, mode: str, python: str,
+                 max_chars: int | None = None) -> ToolResult:
         start = time.monotonic()
         uid = self.uid(slot)
         try:
@@ -279,7 +281,8 @@ class Sandbox:
             with self._lock:
                 self._running[slot] = proc
             try:
-                output, report, timed_out = self._collect(proc, report_r, start, slot)
+                output, report, timed_out = self._collect(proc, report_r, start, slot,
+                                                          max_chars or self.cfg.max_output_chars)
             except BaseException:
                 _kill_group(proc)
                 self._kill_user(slot)
@@ -344,12 +347,12 @@ class Sandbox:
                        "--ro-bind", os.path.join(workdir, PROGRAM), f"/tmp/{PROGRAM}",
                        "--chdir", "/tmp"]
 
-    def _collect(self, proc: subprocess.Popen, report_fd: int, start: float,
-                 slot: int) -> tuple[BoundedOutput, tuple[int, float] | None, bool]:
+    def _collect(self, proc: subprocess.Popen, report_fd: int, start: float, slot: int,
+                 max_chars: int) -> tuple[BoundedOutput, tuple[int, float] | None, bool]:
         """Read the output until the program ends or its deadline passes; then kill whatever
         is left of it, and read what it wrote before it died. Also the launcher's report:
         the program's wait status and CPU seconds (None if none came)."""
-        output = BoundedOutput(self.cfg.max_output_chars)
+        output = BoundedOutput(max_chars)
         assert proc.stdout is not None
         out_fd = proc.stdout.fileno()
         pidfd = os.pidfd_open(proc.pid)  # readable once the launcher has exited
@@ -515,7 +518,8 @@ class Sandbox:
     def _probe(self, code: str, mode: str, python: str) -> ToolResult:
         slot = self._slots.get()
         try:
-            return self._execute(code, slot, mode, python)
+            # The probe's report is read whole, whatever the model may see of a program.
+            return self._execute(code, slot, mode, python, max_chars=PROBE_MAX_CHARS)
         finally:
             self._slots.put(slot)
 

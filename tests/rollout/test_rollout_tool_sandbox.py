@@ -287,3 +287,13 @@ def test_bwrap_asked_for_where_it_is_missing_is_refused(tmp_base, monkeypatch):
 
 _which = shutil.which
 
+
+
+@pytest.mark.parametrize("mode", ["rlimits", "bwrap"])
+def test_a_small_output_bound_does_not_cut_the_start_up_probe(mode, tmp_base):
+    # The probe reports the interpreter's directories as one JSON line, longer than this.
+    box = make_sandbox(mode, tmp_base, max_output_chars=8)
+    try:
+        assert box.run("print(123456789)").observation.startswith("1234")
+    finally:
+        box.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conf.schema import LpregConfig
+from conf.load import load_config
 from learner import ADVANTAGE_ESTIMATORS, AGG_MODES, KL_TYPES, POLICY_LOSSES
 
 ALL_RECIPES = sorted((Path(__file__).resolve().parents[2] / "conf" / "recipes").glob("*.yaml"))
@@ -17,7 +17,9 @@ METHODS = ("lp_reg", "grpo", "clip_higher", "gspo", "kl_cov", "entropy_8020", "g
 
 
 def load(path: Path):
-    return OmegaConf.merge(OmegaConf.structured(LpregConfig), OmegaConf.load(path))
+    """The recipe as a run resolves it: its bases (``extends``) merged under it, checked
+    against the schema (unknown keys and wrong types raise)."""
+    return OmegaConf.structured(load_config(str(path)))
 
 
 def test_one_on_and_one_off_policy_recipe_per_table_row():

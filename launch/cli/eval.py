@@ -104,7 +104,7 @@ def run_evaluation(cfg: LpregConfig, output: str | Path | None = None) -> tuple[
     rollout = None
     try:
         rollout = RolloutPool(cfg.rollout.num_workers, str(model_path), cfg.model,
-                              resolve_auto(cfg).rollout, seed=cfg.trainer.seed)
+                              resolve_auto(cfg).rollout, seed=cfg.trainer.seed, tool_cfg=cfg.tool)
         result = evaluate(rollout, verifier, records, prompt_ids,
                           step=found[1] if found else 0,
                           temperature=cfg.trainer.eval_temperature,

@@ -111,6 +111,7 @@ class SampleBook:
         self.decode = decode or (lambda ids: "")
         self.multi_turn = multi_turn
         self.calls: list[PendingCall] = []
+        self.tool_calls_done = 0
         self.groups: dict[str, GroupProgress] = {}
         self.running: dict[str, SampleProgress] = {}  # request id -> sample
         self.finished: list[GroupResult] = []
@@ -214,6 +215,7 @@ class SampleBook:
         continue; or its group, if the output filled the response and that finished the
         group; or None (the group was dropped meanwhile, or is not done yet)."""
         mt = self.multi_turn
+        self.tool_calls_done += 1
         group = self.groups.get(sample.group_id)
         if mt is None or group is None or not any(s is sample for s in group.samples):
             return None  # dropped (abort_all) while the tool ran

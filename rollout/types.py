@@ -95,3 +95,5 @@ class WorkerReport:
     # turns differences of it into the workers' idle time.
     busy_s: float = 0.0
     interrupted_samples: int = 0  # partial rollouts continued under new weights, in total
+    # Tool calls finished, in total: progress while every sample waits on a tool.
+    tool_calls: int = 0

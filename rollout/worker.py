@@ -137,7 +137,8 @@ class RolloutWorker:
             finished, self.book.finished = self.book.finished, []
             return WorkerReport(worker_index=self.worker_index, weight_version=self.weight_version,
                                 finished=finished, in_flight_samples=self.book.in_flight_samples,
-                                busy_s=self._busy_s, interrupted_samples=self.book.interrupted)
+                                busy_s=self._busy_s, interrupted_samples=self.book.interrupted,
+                                tool_calls=self.book.tool_calls_done)
 
     def abort_all(self) -> int:
         """Drop every group (the driver no longer wants them); returns how many samples."""

@@ -110,6 +110,7 @@ class WorkerSlot:
     busy_s: float = 0.0
     last_progress: float = 0.0
     last_in_flight: int = 0
+    tool_calls: int = 0  # the worker's finished tool calls, as last reported
     started: float = 0.0
     interrupted_seen: int = 0  # the worker's own running count, as last reported
     lost_at: float | None = None  # detection time of the loss this slot is recovering from
@@ -348,9 +349,10 @@ class RolloutPool:
 
     def _on_report(self, slot: WorkerSlot, report: WorkerReport) -> list[GroupResult]:
         now = time.monotonic()
-        if report.busy_s > slot.busy_s or report.in_flight_samples != slot.last_in_flight or report.finished:
+        if (report.busy_s > slot.busy_s or report.in_flight_samples != slot.last_in_flight
+                or report.finished or report.tool_calls > slot.tool_calls):
             slot.last_progress = now
-        slot.busy_s = report.busy_s
+        slot.busy_s, slot.tool_calls = report.busy_s, report.tool_calls
         slot.last_in_flight = report.in_flight_samples
         self.counters.interrupted_samples += max(0, report.interrupted_samples - slot.interrupted_seen)
         slot.interrupted_seen = report.interrupted_samples
@@ -486,7 +488,7 @@ class RolloutPool:
             slot.index, self.model_path, self.model_cfg, self.cfg, self.seed, self.tool_cfg)
         slot.state, slot.started, slot.waiting_since = "starting", time.monotonic(), None
         slot.pid = slot.node = slot.node_id = None
-        slot.busy_s, slot.last_in_flight, slot.interrupted_seen = 0.0, 0, 0
+        slot.busy_s, slot.last_in_flight, slot.interrupted_seen, slot.tool_calls = 0.0, 0, 0, 0
         slot.ready_ref = slot.handle.ready.remote()
 
     def _catch_up(self, slot: WorkerSlot, loaded: int) -> None:

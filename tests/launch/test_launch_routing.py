@@ -108,3 +108,18 @@ def test_a_group_id_is_never_issued_twice():
     issued = [ids("s3r0g1") for _ in range(3)] + [ids("eval3-0")]
     assert len(set(issued)) == len(issued)
     assert all(i.startswith(("s3r0g1#", "eval3-0#")) for i in issued)
+
+
+def test_finished_tool_calls_are_progress_while_the_engine_idles():
+    # Every sample of a multi-turn worker may wait on a tool: its engine is idle, its
+    # in-flight count unchanged, yet it is not hung.
+    from launch.cluster.rollout_pool import PoolCounters, RolloutPool, WorkerSlot
+    from rollout.types import WorkerReport
+
+    pool = RolloutPool.__new__(RolloutPool)
+    pool.counters, pool.results, pool._send_poll = PoolCounters(), {}, lambda slot: None
+    slot = WorkerSlot(0, handle="h0", in_flight_samples=4, last_in_flight=4, busy_s=2.0)
+    pool._on_report(slot, WorkerReport(0, 0, in_flight_samples=4, busy_s=2.0, tool_calls=0))
+    assert slot.last_progress == 0.0
+    pool._on_report(slot, WorkerReport(0, 0, in_flight_samples=4, busy_s=2.0, tool_calls=3))
+    assert slot.last_progress > 0.0 and slot.tool_calls == 3

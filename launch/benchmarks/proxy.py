@@ -42,9 +42,11 @@ def regularized_set(log_prob, proxy, negative, rho: float):
     negative-advantage tokens (none when fewer than 2) that the proxy rates above the policy."""
     import torch
 
+    from learner.losses import lp_reg_k
+
     selected = torch.zeros_like(negative)
-    count = int(math.floor(rho * int(negative.sum())))
-    if count >= 2:
+    count = lp_reg_k(int(negative.sum()), rho)
+    if count:
         candidates = torch.where(negative, log_prob, torch.full_like(log_prob, math.inf))
         selected[torch.topk(candidates, count, largest=False).indices] = True
     return selected & (log_prob < proxy)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 
 import pytest
@@ -12,14 +10,6 @@ import pytest
 from conf.errors import ConfigError
 from conf.schema import ToolConfig
 from rollout.tools import ToolPool, ToolStatus
-
-
-@pytest.fixture(scope="module")
-def tmp_base():
-    base = tempfile.mkdtemp(prefix="lpreg-tool-test-")
-    os.chmod(base, 0o711)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def config(tmp_base, **overrides) -> ToolConfig:

@@ -30,15 +30,6 @@ AS_ROOT = os.geteuid() == 0
 HAS_BWRAP = shutil.which("bwrap") is not None
 
 
-@pytest.fixture(scope="module")
-def tmp_base():
-    # The sandbox user must be able to reach it: pytest's own tmp_path is closed to others.
-    base = tempfile.mkdtemp(prefix="lpreg-tool-test-")
-    os.chmod(base, 0o711)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.fixture(scope="module", params=["rlimits", "bwrap"])
 def sandbox(request, tmp_base):
     box = make_sandbox(request.param, tmp_base)

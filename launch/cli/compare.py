@@ -26,18 +26,34 @@ def parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got '{text}'") from None
 
 
+def parse_seeds_for(items: list[str]) -> dict[str, list[int]]:
+    """``ARM=SEEDS`` items, e.g. ``grpo_entropy_on_policy=0,1,2``."""
+    chosen: dict[str, list[int]] = {}
+    for item in items:
+        arm, sep, seeds = item.partition("=")
+        if not sep or not arm.strip():
+            raise ConfigError(f"--seeds-for takes ARM=SEEDS, e.g. my_arm=0,1,2; got '{item}'")
+        if arm.strip() in chosen:
+            raise ConfigError(f"--seeds-for names {arm.strip()} twice")
+        chosen[arm.strip()] = parse_seeds(seeds)
+    return chosen
+
+
 def run(args: argparse.Namespace) -> int:
     from launch.experiments.compare import run_comparison
+    from launch.experiments.report import paired_text
 
     words = [w for recipe in args.recipes or [] for w in ("-c", recipe)]
-    words += ["--seeds", args.seeds, "--out", args.out, *args.overrides]
+    words += ["--seeds", args.seeds, *[w for item in args.seeds_for for w in ("--seeds-for", item)]]
+    words += (["--baseline", args.baseline] if args.baseline else []) + ["--out", args.out, *args.overrides]
     command = "lpreg compare " + shlex.join(words)
     # A plain `kill` stops the comparison the way Ctrl-C does: its runs stop with it.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         result = run_comparison(args.recipes or [], parse_seeds(args.seeds), args.out, list(args.overrides),
                                 parallel=args.parallel, command=command,
-                                start_runs=not args.report_only)
+                                start_runs=not args.report_only,
+                                seeds_for=parse_seeds_for(args.seeds_for), baseline=args.baseline)
     except KeyboardInterrupt:
         print("lpreg: interrupted; the same command continues the comparison, skipping the "
               "runs that finished", file=sys.stderr)
@@ -51,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     print(result.report_path)
     for path in result.plots:
         print(path)
+    for line in paired_text(result.summary):
+        print(line)
     if result.failed:
         for outcome in result.failed:
             why = ("its settings were refused (exit 2): fix them before running again"
@@ -69,7 +87,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     compare.add_argument("-c", "--config", dest="recipes", action="append", metavar="RECIPE",
                          help="a recipe file or shipped recipe name: one arm; repeat for each arm")
     compare.add_argument("--seeds", default="0,1,2",
-                         help="comma-separated seeds, each run by every arm (default: 0,1,2)")
+                         help="comma-separated seeds, each run by every arm that --seeds-for does not "
+                              "name (default: 0,1,2)")
+    compare.add_argument("--seeds-for", action="append", default=[], metavar="ARM=SEEDS",
+                         help="an arm's own seeds, e.g. my_control=0,1,2 (ARM: its recipe's name); "
+                              "repeat for each such arm")
+    compare.add_argument("--baseline", metavar="RECIPE",
+                         help="the arm every other arm is set against seed by seed (default: the first -c)")
     compare.add_argument("--out", default="compare", help="output directory (default: ./compare)")
     compare.add_argument("--parallel", type=int, default=1, metavar="N",
                          help="runs at a time (default 1; more on a Ray cluster, see docs/compare.md)")

@@ -5,6 +5,10 @@ directory under ``OUT/runs/ARM/seedS``. A run that finished leaves ``compare_run
 there, with the resolved config it ran; a later ``lpreg compare`` with the same settings
 skips it, so an interrupted comparison picks up where it stopped. A run cut short
 continues from its newest checkpoint when it has one and starts again otherwise.
+
+Arms may run different seeds (``--seeds-for``): a comparison is what one command names, so
+adding an arm later is the same command with one more ``-c``, and the finished runs of the
+others are skipped, not lost from the report.
 """
 
 from __future__ import annotations
@@ -124,15 +128,39 @@ def arm_name(recipe: str) -> str:
     return Path(recipe).name.removesuffix(".yaml")
 
 
+def pick_arm(name: str, recipes: list[str], option: str) -> str:
+    """The arm ``name`` means, given as an arm name or as the recipe given to ``-c``."""
+    arms = [arm_name(r) for r in recipes]
+    if arm_name(name) not in arms:
+        raise ConfigError(f"{option} {name}: no -c recipe is named so (arms: {', '.join(arms)})")
+    return arm_name(name)
+
+
+def _check_seeds(seeds: list[int], option: str, example: str) -> None:
+    if not seeds:
+        raise ConfigError(f"{option}: give at least one seed, e.g. {example}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{option}: each seed once, got {','.join(map(str, seeds))}")
+
+
+def arm_seeds(recipes: list[str], seeds: list[int],
+              seeds_for: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Each arm's seeds: ``seeds_for``'s where it names the arm, ``seeds`` otherwise."""
+    _check_seeds(seeds, "--seeds", "--seeds 0,1,2")
+    chosen = {arm_name(r): list(seeds) for r in recipes}
+    for name, own in (seeds_for or {}).items():
+        arm = pick_arm(name, recipes, "--seeds-for")
+        _check_seeds(own, f"--seeds-for {arm}", f"--seeds-for {arm}=0,1,2")
+        chosen[arm] = list(own)
+    return chosen
+
+
 def plan_runs(recipes: list[str], seeds: list[int], out_dir: Path,
-              overrides: list[str]) -> list[PlannedRun]:
-    """Every (arm, seed) run, each config loaded and checked before anything starts."""
+              overrides: list[str], seeds_for: dict[str, list[int]] | None = None) -> list[PlannedRun]:
+    """Every (arm, seed) run, each config loaded and checked before anything starts.
+    ``seeds_for`` gives some arms (by arm name or recipe) seeds of their own."""
     if len(recipes) < 1:
         raise ConfigError("lpreg compare needs at least one -c RECIPE")
-    if not seeds:
-        raise ConfigError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds: each seed once, got {','.join(map(str, seeds))}")
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if key in OWNED_KEYS:
@@ -143,10 +171,11 @@ def plan_runs(recipes: list[str], seeds: list[int], out_dir: Path,
     if duplicated:
         raise ConfigError(f"two arms would share the name '{duplicated[0]}': give each -c a recipe "
                           "file with its own name")
+    per_arm = arm_seeds(recipes, seeds, seeds_for)
     planned = []
     for recipe, name in zip(recipes, names, strict=True):
         path = resolve_recipe(recipe).resolve()
-        for seed in seeds:
+        for seed in per_arm[name]:
             owned = [f"trainer.seed={seed}", f"model.tiny.seed={seed}", f"data.synthetic.seed={seed}",
                      f"trainer.output_dir={out_dir.resolve() / 'runs' / name}",
                      f"trainer.run_name=seed{seed}"]
@@ -322,6 +351,7 @@ class ComparisonResult:
     plots: list[Path]
     outcomes: list[RunOutcome]
     missing: list[str]  # "arm seed S" of every planned run without a finished result
+    summary: dict  # what summary.json holds
 
     @property
     def failed(self) -> list[RunOutcome]:
@@ -332,11 +362,20 @@ class ComparisonResult:
         return [o for o in self.outcomes if not o.skipped]
 
 
+def arms_in(out_dir: Path) -> list[str]:
+    """Arms with at least one finished run under ``out_dir``, by name."""
+    runs = out_dir / "runs"
+    found = runs.glob(f"*/*/{DONE_FILE}") if runs.is_dir() else []
+    return sorted({path.parent.parent.name for path in found})
+
+
 def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, overrides: list[str],
                    parallel: int = 1, command: str = "lpreg compare",
-                   start_runs: bool = True) -> ComparisonResult:
+                   start_runs: bool = True, seeds_for: dict[str, list[int]] | None = None,
+                   baseline: str | None = None) -> ComparisonResult:
     """Plan, run what is not finished (unless ``start_runs`` is False), and write
-    ``summary.json``, the plots and ``report.md`` of every finished run."""
+    ``summary.json``, the plots and ``report.md`` of every finished run. ``baseline`` (an arm
+    name or recipe; default the first) is the arm the others are set against seed by seed."""
     from launch.experiments.report import plot_bands, write_report, write_summary
     from launch.experiments.summary import summarize_run
     from launch.reporting.plot import load_run
@@ -344,7 +383,8 @@ def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, ov
     if parallel < 1:
         raise ConfigError(f"--parallel must be 1 or more, got {parallel}")
     out_dir = Path(out_dir)
-    planned = plan_runs(recipes, seeds, out_dir, overrides)
+    planned = plan_runs(recipes, seeds, out_dir, overrides, seeds_for)
+    baseline = pick_arm(baseline, recipes, "--baseline") if baseline else planned[0].arm
     if parallel > 1 and start_runs:
         _build_models_once(planned)
     outcomes = execute(planned, out_dir, parallel, start_runs)
@@ -353,7 +393,8 @@ def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, ov
     runs_by_arm: dict[str, list] = {}
     missing = []
     for run in planned:
-        arm = arms.setdefault(run.arm, {"recipe": str(run.recipe), "per_seed": {}})
+        arm = arms.setdefault(run.arm, {"recipe": str(run.recipe), "seeds": [], "per_seed": {}})
+        arm["seeds"].append(run.seed)
         outcome = by_run.get((run.arm, run.seed))
         if outcome is None or outcome.exit_code != 0:
             missing.append(f"{run.arm} seed {run.seed}")
@@ -361,10 +402,18 @@ def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, ov
         series = load_run(run.run_dir, name=f"{run.arm}/seed{run.seed}")
         arm["per_seed"][run.seed] = summarize_run(series, run.cfg.trainer.total_steps, outcome.wall_s)
         runs_by_arm.setdefault(run.arm, []).append(series)
+    # Another command's arms in this --out are not part of this one's report; say so, since
+    # the report it overwrote may have shown them.
+    left_out = [name for name in arms_in(out_dir) if name not in arms]
+    if left_out:
+        log.warning("%s: finished runs of %s, which this command does not name with -c; the report "
+                    "leaves them out (name every arm to report them together)", out_dir,
+                    ", ".join(left_out))
     summary_path = out_dir / "summary.json"
-    summary = write_summary(summary_path, arms, seeds, overrides, missing)
+    all_seeds = sorted({run.seed for run in planned})
+    summary = write_summary(summary_path, arms, all_seeds, overrides, missing, baseline, left_out)
     total_steps = max(run.cfg.trainer.total_steps for run in planned)
     plots = plot_bands(runs_by_arm, out_dir / "plots", total_steps) if runs_by_arm else []
     report_path = out_dir / "report.md"
     write_report(report_path, summary, plots, command)
-    return ComparisonResult(summary_path, report_path, plots, outcomes, missing)
+    return ComparisonResult(summary_path, report_path, plots, outcomes, missing, summary)

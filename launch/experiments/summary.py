@@ -148,3 +148,95 @@ def band(runs: list[RunSeries], key: str, window: int = 1) -> Band | None:
     columns = [[c[s] for c in curves] for s in common]
     return Band(common, [statistics.fmean(col) for col in columns],
                 [min(col) for col in columns], [max(col) for col in columns])
+
+
+# Summary keys whose paired difference against the baseline arm is reported: the outcomes a
+# comparison is judged by, each higher-is-better, so that a positive difference favours the arm.
+PAIRED_KEYS = ("best_accuracy", "final_accuracy", "final_reward")
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``arm - baseline`` of one summary key, seed by seed, over the seeds both arms have.
+
+    Seeds share the data order, the tiny model and the sampling seed, so the per-seed
+    difference cancels what the seed alone decides; its spread is the honest uncertainty
+    of the comparison, often smaller than the two arms' spreads side by side suggest."""
+
+    seeds: list[int]
+    differences: list[float]
+    mean: float
+    std: float | None  # sample standard deviation; None for one seed
+    sem: float | None  # standard error of the mean, std / sqrt(n)
+    favour_arm: int
+    favour_baseline: int
+    ties: int
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+def paired_difference(baseline: dict[int, float | None],
+                      arm: dict[int, float | None]) -> PairedDifference | None:
+    """Per-seed ``arm - baseline``; None when no seed has a finite value in both."""
+    def usable(value):
+        return value is not None and math.isfinite(value)
+
+    seeds = sorted(s for s in baseline.keys() & arm.keys() if usable(baseline[s]) and usable(arm[s]))
+    if not seeds:
+        return None
+    differences = [arm[s] - baseline[s] for s in seeds]
+    # Accuracies are shares of the same held-out set: equal ones may still differ in the last bit.
+    tied = [math.isclose(arm[s], baseline[s], rel_tol=1e-9, abs_tol=1e-12) for s in seeds]
+    std = statistics.stdev(differences) if len(differences) > 1 else None
+    return PairedDifference(
+        seeds=seeds, differences=differences, mean=statistics.fmean(differences), std=std,
+        sem=std / math.sqrt(len(differences)) if std is not None else None,
+        favour_arm=sum(d > 0 and not t for d, t in zip(differences, tied, strict=True)),
+        favour_baseline=sum(d < 0 and not t for d, t in zip(differences, tied, strict=True)),
+        ties=sum(tied))
+
+
+def paired_differences(arms: dict[str, dict], baseline: str) -> dict[str, dict[str, PairedDifference | None]]:
+    """Every arm but the baseline against it, for each of ``PAIRED_KEYS``; ``arms`` as
+    ``write_summary`` takes them."""
+    base = arms[baseline]["per_seed"]
+    return {name: {key: paired_difference({s: v.get(key) for s, v in base.items()},
+                                          {s: v.get(key) for s, v in arm["per_seed"].items()})
+                   for key in PAIRED_KEYS}
+            for name, arm in arms.items() if name != baseline}
+
+
+@dataclass(frozen=True)
+class HistogramMean:
+    """A watched token's sampled-probability histogram at one step, over an arm's seeds.
+
+    Each seed's counts become shares of that seed's samples of the token first, so that
+    every seed weighs the same whether it sampled the token often or rarely; a seed that did
+    not sample it at that step has no shares and is left out of them."""
+
+    step: int
+    share: list[float]  # mean over the seeds that sampled the token
+    low: list[float]
+    high: list[float]
+    sampled_seeds: int  # seeds that sampled the token at ``step``
+    seeds: int  # seeds with a histogram at ``step``
+    mean_count: float  # times the token was sampled at ``step``, mean over ``seeds``
+
+
+def histogram_mean(runs: list[RunSeries], key: str) -> HistogramMean | None:
+    """``key``'s histogram at the last step at which every seed that logs it logged one."""
+    found = [run.histograms[key] for run in runs if key in run.histograms]
+    common = set.intersection(*(set(h) for h in found)) if found else set()
+    if not common:
+        return None
+    step = max(common)
+    counts = [found_run[step] for found_run in found]
+    shares = [[c / sum(seed) for c in seed] for seed in counts if sum(seed) > 0]
+    bins = len(counts[0])
+    columns = [[seed[i] for seed in shares] for i in range(bins)] if shares else [[0.0]] * bins
+    return HistogramMean(step=step, share=[statistics.fmean(c) for c in columns],
+                         low=[min(c) for c in columns], high=[max(c) for c in columns],
+                         sampled_seeds=len(shares), seeds=len(counts),
+                         mean_count=statistics.fmean(sum(seed) for seed in counts))

@@ -3,7 +3,9 @@
 Each figure is a topic (reward and accuracy, entropy, Lp-Reg, response length,
 timing); each panel is one metric, with one line per run, so Lp-Reg and a GRPO
 baseline read off the same axes. A metric no run has is left out, and a figure with
-nothing to show is not written.
+nothing to show is not written. Runs that watched tokens (``trainer.watch_tokens``) get two
+more: each token's share and sampled probability over steps, and its histograms of sampled
+probabilities at a few steps.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class RunSeries:
     name: str
     path: Path
     series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    # watch/<string>/prob_hist -> {step: counts per bin}; lists, so not in ``series``.
+    histograms: dict[str, dict[int, list[float]]] = field(default_factory=dict)
 
     def get(self, key: str) -> tuple[str, list[int], list[float]] | None:
         if key.endswith("*"):
@@ -105,6 +109,9 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunSeries:
             for key, value in record.items():
                 if key == "step" or (only_eval and not key.startswith("eval/")):
                     continue
+                if key.startswith(WATCH_PREFIX) and key.endswith(HIST_SUFFIX) and _counts(value):
+                    run.histograms.setdefault(key, {})[record["step"]] = [float(v) for v in value]
+                    continue
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
                 if not math.isfinite(value):
@@ -118,6 +125,64 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunSeries:
         order = sorted(range(len(steps)), key=steps.__getitem__)
         run.series[key] = ([steps[i] for i in order], [values[i] for i in order])
     return run
+
+
+def _counts(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+
+
+WATCH_PREFIX = "watch/"
+HIST_SUFFIX = "/prob_hist"
+WATCH_SUFFIXES = ("/sampled_frac", "/sampled_prob", HIST_SUFFIX)
+
+
+def watched_strings(runs: list[RunSeries]) -> list[str]:
+    """The strings any run watched, in the order first met (a string may hold a "/")."""
+    found: dict[str, None] = {}
+    for run in runs:
+        for key in [*run.series, *run.histograms]:
+            for suffix in WATCH_SUFFIXES:
+                if key.startswith(WATCH_PREFIX) and key.endswith(suffix):
+                    found[key[len(WATCH_PREFIX):-len(suffix)]] = None
+    return list(found)
+
+
+def watch_key(string: str, suffix: str) -> str:
+    return f"{WATCH_PREFIX}{string}{suffix}"
+
+
+def spread_steps(steps: list[int], count: int = 3) -> list[int]:
+    """``count`` steps out of ``steps`` (sorted): the first, the last and evenly between."""
+    if len(steps) <= count:
+        return list(steps)
+    picks = [round(i * (len(steps) - 1) / (count - 1)) for i in range(count)]
+    return [steps[i] for i in dict.fromkeys(picks)]
+
+
+def shares(counts: list[float]) -> list[float] | None:
+    """Counts as shares of their total; None when nothing was counted."""
+    total = sum(counts)
+    return [c / total for c in counts] if total > 0 else None
+
+
+def draw_histograms(ax, bars: list[tuple[str, list[float], list | None]], title: str) -> None:
+    """Grouped bars over the watch histogram's bins: per entry a label, the share of each
+    bin, and the error bars (matplotlib's yerr: below and above each bar) or None."""
+    from launch.training.watch import hist_bin_labels
+
+    labels = hist_bin_labels()
+    width = 0.8 / max(1, len(bars))
+    for i, (label, values, errors) in enumerate(bars):
+        xs = [b - 0.4 + width * (i + 0.5) for b in range(len(values))]
+        ax.bar(xs, values, width, label=label, yerr=errors, capsize=2 if errors else 0,
+               error_kw={"linewidth": 0.8})
+    ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+    ax.set_xlabel("probability the token was sampled at (bins)")
+    ax.set_ylabel("share of its samples")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
 
 
 def run_names(run_dirs: list[Path]) -> list[str]:
@@ -177,7 +242,67 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
+    return written + plot_watch(plt, runs, out_dir)
+
+
+def plot_watch(plt, runs: list[RunSeries], out_dir: Path) -> list[Path]:
+    """``watch.png``: per watched string, its share of the sampled tokens and its mean sampled
+    probability over steps; ``watch_hist.png``: per string and run, the histogram of the
+    probabilities it was sampled at, at the first, a middle and the last histogram step."""
+    strings = watched_strings(runs)
+    if not strings:
+        return []
+    written = []
+    fig, axes = plt.subplots(len(strings), 2, figsize=(12.8, 3.6 * len(strings)), squeeze=False)
+    for row, string in zip(axes, strings, strict=True):
+        for ax, (suffix, label) in zip(row, WATCH_CURVES, strict=True):
+            for run in runs:
+                found = run.get(watch_key(string, suffix))
+                if found is not None:
+                    ax.plot(found[1], found[2], "o-" if len(found[1]) < 30 else "-", markersize=3,
+                            label=run.name)
+            ax.set_title(f"'{string}': {label}", fontsize=10)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if ax.has_data():
+                ax.legend(fontsize=8)
+    fig.suptitle("Watched tokens")
+    fig.tight_layout()
+    written.append(out_dir / "watch.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    panels = [(string, run) for string in strings for run in runs
+              if watch_key(string, HIST_SUFFIX) in run.histograms]
+    if not panels:
+        log.info("plot: no histogram of the watched tokens (trainer.watch_hist_every); "
+                 "watch_hist.png skipped")
+        return written
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
+    for ax, (string, run) in zip(axes.flat, panels, strict=False):
+        histograms = run.histograms[watch_key(string, HIST_SUFFIX)]
+        bars = []
+        for step in spread_steps(sorted(histograms)):
+            counts = histograms[step]
+            values = shares(counts)
+            # A step at which the token was never sampled still gets its legend entry: that
+            # it vanished is the finding.
+            bars.append((f"step {step} ({sum(counts):g} sampled)", values or [0.0] * len(counts), None))
+        draw_histograms(ax, bars, f"'{string}' sampled at, {run.name}")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Probabilities at which each watched token was sampled")
+    fig.tight_layout()
+    written.append(out_dir / "watch_hist.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
     return written
+
+
+WATCH_CURVES = (("/sampled_frac", "share of the sampled tokens"),
+                ("/sampled_prob", "mean probability when sampled"))
 
 
 RESTART_KEYS = {"rollout/restarts": ("rollout worker replaced", ":"),

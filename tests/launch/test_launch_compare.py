@@ -11,7 +11,15 @@ from conf.errors import ConfigError
 from launch.cli.main import main
 from launch.experiments.compare import DONE_FILE, _mark_finished, plan_runs, train_command
 from launch.experiments.report import plot_bands, write_report, write_summary
-from launch.experiments.summary import Spread, aggregate, band, smooth, summarize_run
+from launch.experiments.summary import (
+    Spread,
+    aggregate,
+    band,
+    histogram_mean,
+    paired_difference,
+    smooth,
+    summarize_run,
+)
 from launch.reporting.plot import load_run
 from launch.training.step_metrics import (
     LOW_PROB_MASS_KEY,
@@ -23,8 +31,10 @@ from launch.training.step_metrics import (
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(run_dir, steps=40, entropy_end=0.1, lp_reg=False, eval_every=10):
-    """A run whose entropy falls linearly from 0.5 to ``entropy_end``."""
+def write_run(run_dir, steps=40, entropy_end=0.1, lp_reg=False, eval_every=10, acc_shift=0.0,
+              watch_hist=None):
+    """A run whose entropy falls linearly from 0.5 to ``entropy_end``; with ``watch_hist``
+    (step -> counts), the string "W" is watched and those histograms logged."""
     run_dir.mkdir(parents=True)
     evals = [{"step": 0, "eval/accuracy": 0.2}]
     with (run_dir / "metrics.jsonl").open("w") as handle:
@@ -36,8 +46,13 @@ def write_run(run_dir, steps=40, entropy_end=0.1, lp_reg=False, eval_every=10):
             if lp_reg:
                 record["lp_reg/regularized_frac"] = 0.002
                 record["lp_reg/regularized_tokens"] = 3.0
+            if watch_hist is not None:
+                record["watch/W/sampled_frac"] = 0.01
+                record["watch/W/sampled_prob"] = 0.2 + step / 100
+                if step in watch_hist:
+                    record["watch/W/prob_hist"] = watch_hist[step]
             if step % eval_every == 0:
-                record["eval/accuracy"] = 0.2 + 0.01 * step
+                record["eval/accuracy"] = 0.2 + 0.01 * step + acc_shift
                 evals.append({"step": step, "eval/accuracy": record["eval/accuracy"]})
             handle.write(json.dumps(record) + "\n")
     (run_dir / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
@@ -198,6 +213,121 @@ def test_report_only_summarises_the_finished_runs_and_names_the_rest(tmp_path, c
     assert summary["arms"]["lp_reg_on_policy"]["mean_std"]["final_accuracy"]["n"] == 1
     assert "**Not finished:** lp_reg_on_policy seed 1" in (out / "report.md").read_text()
     assert not (out / "runs" / "lp_reg_on_policy" / "seed1").exists()
+
+
+def test_paired_difference_by_hand():
+    diff = paired_difference({0: 50.0, 1: 60.0, 2: 70.0}, {0: 55.0, 1: 58.0, 2: 80.0})
+    assert diff.seeds == [0, 1, 2] and diff.differences == [5.0, -2.0, 10.0]
+    assert diff.mean == pytest.approx(13 / 3)
+    assert diff.std == pytest.approx(statistics.stdev([5, -2, 10]))  # 6.03
+    assert diff.sem == pytest.approx(statistics.stdev([5, -2, 10]) / math.sqrt(3))  # 3.48
+    assert (diff.favour_arm, diff.favour_baseline, diff.ties) == (2, 1, 0)
+
+
+def test_paired_difference_uses_only_the_seeds_both_arms_have():
+    # Seed 3 only in the baseline, seed 4 only in the arm, seed 2 without a value, seed 1 tied.
+    diff = paired_difference({0: 0.5, 1: 0.6, 2: None, 3: 0.9}, {0: 0.4, 1: 0.6, 2: 0.7, 4: 0.1})
+    assert diff.seeds == [0, 1] and diff.n == 2
+    assert (diff.favour_arm, diff.favour_baseline, diff.ties) == (0, 1, 1)
+    one = paired_difference({0: 0.5}, {0: 0.7, 1: 0.2})
+    assert one.mean == pytest.approx(0.2) and one.std is None and one.sem is None
+    assert paired_difference({0: 0.5}, {1: 0.5}) is None
+
+
+def test_histograms_are_read_and_averaged_over_seeds_at_the_last_common_step(tmp_path):
+    a = load_run(write_run(tmp_path / "a", watch_hist={10: [9, 0, 1], 20: [2, 2, 0], 30: [1, 1, 1]}))
+    b = load_run(write_run(tmp_path / "b", watch_hist={10: [0, 0, 5], 20: [0, 1, 3]}))
+    c = load_run(write_run(tmp_path / "c", watch_hist={20: [0, 0, 0]}))  # not sampled at step 20
+    assert a.histograms["watch/W/prob_hist"][20] == [2.0, 2.0, 0.0]
+    assert "watch/W/prob_hist" not in a.series
+    mean = histogram_mean([a, b, c], "watch/W/prob_hist")
+    # Step 20: shares [0.5, 0.5, 0] and [0, 0.25, 0.75]; c sampled nothing and has no shares.
+    assert mean.step == 20 and (mean.seeds, mean.sampled_seeds) == (3, 2)
+    assert mean.share == pytest.approx([0.25, 0.375, 0.375])
+    assert mean.low == pytest.approx([0.0, 0.25, 0.0]) and mean.high == pytest.approx([0.5, 0.5, 0.75])
+    assert mean.mean_count == pytest.approx((4 + 4 + 0) / 3)
+    assert histogram_mean([a], "watch/W/prob_hist").step == 30
+    assert histogram_mean([a], "watch/X/prob_hist") is None
+
+
+def test_report_sets_each_arm_against_the_baseline_seed_by_seed(tmp_path):
+    shifts = {"grpo": [0.0, 0.1, 0.2], "lp_reg": [0.05, 0.08, 0.3]}  # diffs +5, -2, +10 points
+    arms = {name: {"recipe": f"{name}.yaml", "per_seed": {
+        seed: summarize_run(load_run(write_run(tmp_path / f"{name}{seed}", acc_shift=shift)), 40)
+        for seed, shift in enumerate(seeds)}} for name, seeds in shifts.items()}
+    summary = write_summary(tmp_path / "summary.json", arms, [0, 1, 2], [], [], baseline="grpo")
+    stored = json.loads((tmp_path / "summary.json").read_text())
+    assert stored["baseline"] == "grpo" and set(stored["paired_differences"]) == {"lp_reg"}
+    final = stored["paired_differences"]["lp_reg"]["final_accuracy"]
+    assert final["differences"] == pytest.approx([0.05, -0.02, 0.1])
+    assert final["mean"] == pytest.approx(0.13 / 3) and final["n"] == 3
+    assert (final["favour_arm"], final["favour_baseline"], final["ties"]) == (2, 1, 0)
+    assert final["per_seed"]["1"] == pytest.approx(-0.02)
+    assert stored["paired_differences"]["lp_reg"]["final_reward"]["ties"] == 3
+    write_report(tmp_path / "report.md", summary, [], "lpreg compare")
+    report = (tmp_path / "report.md").read_text()
+    assert "## Against the baseline, grpo" in report
+    assert "| lp_reg | acc. end | 3 | +4.3 pp | 6.0 | 3.5 | 2 / 1 / 0 |" in report
+    from launch.experiments.report import paired_text
+
+    lines = paired_text(summary)
+    assert "against grpo" in lines[0] and any("+4.3 pp" in line and "2 / 1 / 0" in line for line in lines)
+
+
+def test_watched_tokens_get_a_comparison_figure(tmp_path):
+    hist = {20: [1, 3], 40: [2, 2]}
+    runs = {"grpo": [load_run(write_run(tmp_path / "g0", watch_hist=hist))],
+            "lp_reg": [load_run(write_run(tmp_path / "l0", watch_hist=hist)),
+                       load_run(write_run(tmp_path / "l1", watch_hist={40: [0, 4]}))]}
+    plots = plot_bands(runs, tmp_path / "plots", total_steps=40)
+    watch = tmp_path / "plots" / "watch.png"
+    assert watch in plots and watch.read_bytes().startswith(PNG_MAGIC)
+    # Without histograms the curves are still drawn.
+    plain = {"grpo": [load_run(write_run(tmp_path / "p0", watch_hist={}))]}
+    assert (tmp_path / "p" / "watch.png") in plot_bands(plain, tmp_path / "p", total_steps=40)
+
+
+def test_arms_may_have_seeds_of_their_own_and_another_baseline(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    seeds_for = {"lp_reg_on_policy": [0]}
+    planned = plan_runs(["grpo_on_policy", "lp_reg_on_policy"], [0, 1, 2], out, ["trainer.total_steps=40"],
+                        seeds_for)
+    assert [(r.arm, r.seed) for r in planned] == [("grpo_on_policy", 0), ("grpo_on_policy", 1),
+                                                  ("grpo_on_policy", 2), ("lp_reg_on_policy", 0)]
+    for run in planned:
+        write_run(run.run_dir, lp_reg=run.arm.startswith("lp_reg"), acc_shift=0.01 * run.seed)
+        _mark_finished(run, 30.0, out / "logs" / "x.log")
+    argv = ["compare", "-c", "grpo_on_policy", "-c", "lp_reg_on_policy", "--seeds", "0,1,2",
+            "--seeds-for", "lp_reg_on_policy=0", "--baseline", "lp_reg_on_policy", "--out", str(out),
+            "trainer.total_steps=40", "--report-only"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "0 run(s) done now, 4 finished earlier" in printed and "not finished" not in printed
+    assert "paired differences against lp_reg_on_policy" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["lp_reg_on_policy"]["seeds"] == [0] and summary["seeds"] == [0, 1, 2]
+    assert summary["paired_differences"]["grpo_on_policy"]["best_accuracy"]["seeds"] == [0]
+    report = (out / "report.md").read_text()
+    assert "Seeds: grpo_on_policy 0, 1, 2; lp_reg_on_policy 0." in report
+    # A later command that names one arm only reports it, and says what it left out.
+    assert main(["compare", "-c", "lp_reg_on_policy", "--seeds", "0", "--out", str(out),
+                 "trainer.total_steps=40", "--report-only"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["arms"]) == ["lp_reg_on_policy"] and summary["arms_left_out"] == ["grpo_on_policy"]
+    assert "**Not in this report:** grpo_on_policy" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--seeds-for", "nope=0"], "no -c recipe is named so"),
+    (["--seeds-for", "grpo_on_policy"], "ARM=SEEDS"),
+    (["--seeds-for", "grpo_on_policy=0,0"], "each seed once"),
+    (["--seeds-for", "grpo_on_policy=0", "--seeds-for", "grpo_on_policy=1"], "twice"),
+    (["--baseline", "nope"], "--baseline nope"),
+])
+def test_cli_refuses_bad_seeds_for_and_baseline(tmp_path, capsys, extra, message):
+    argv = ["compare", "-c", "grpo_on_policy", "--out", str(tmp_path), "--report-only", *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 FAKE_TRAIN = """

@@ -6,7 +6,15 @@ import math
 import pytest
 
 from launch.cli.main import main
-from launch.reporting.plot import FIGURES, load_run, plot_runs, run_names
+from launch.reporting.plot import (
+    FIGURES,
+    load_run,
+    plot_runs,
+    run_names,
+    shares,
+    spread_steps,
+    watched_strings,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -97,3 +105,47 @@ def test_restarts_are_found_where_the_count_goes_up(tmp_path):
     assert restart_steps(run, "rollout/restarts") == [3, 6]
     assert restart_steps(run, "learner/restarts") == [4]
     assert (tmp_path / "plots" / "timing.png") in plot_runs([run_dir], tmp_path / "plots")
+
+
+def write_watch_run(run_dir, hist_every=2, steps=6):
+    """A run that watched "wait" and "a/b" (a string may hold a slash); histograms of "wait"
+    every ``hist_every`` steps, and at step 2 it was not sampled at all."""
+    run_dir.mkdir(parents=True)
+    with (run_dir / "metrics.jsonl").open("w") as handle:
+        for step in range(1, steps + 1):
+            record = {"step": step, "reward/mean": 0.1, "watch/wait/sampled_frac": 0.01 * step,
+                      "watch/a/b/sampled_frac": 0.0}
+            if step != 2:
+                record["watch/wait/sampled_prob"] = 0.1 * step
+            if step % hist_every == 0:
+                record["watch/wait/prob_hist"] = [0] * 11 if step == 2 else [step, 1] + [0] * 9
+            handle.write(json.dumps(record) + "\n")
+    return run_dir
+
+
+def test_watched_tokens_are_drawn_over_steps_and_as_histograms(tmp_path):
+    run = load_run(write_watch_run(tmp_path / "spark"))
+    assert watched_strings([run]) == ["wait", "a/b"]
+    assert sorted(run.histograms["watch/wait/prob_hist"]) == [2, 4, 6]
+    assert run.histograms["watch/wait/prob_hist"][4][:2] == [4.0, 1.0]
+    written = plot_runs([tmp_path / "spark"], tmp_path / "plots")
+    names = [p.name for p in written]
+    assert "watch.png" in names and "watch_hist.png" in names
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in written)
+    # Two runs, one of them without histograms: the curves of both, the histograms of one.
+    bare = write_watch_run(tmp_path / "bare", hist_every=100)
+    written = plot_runs([tmp_path / "spark", bare], tmp_path / "two")
+    assert {"watch.png", "watch_hist.png"} <= {p.name for p in written}
+
+
+def test_histogram_steps_and_shares():
+    assert spread_steps([10, 20, 30, 40, 50]) == [10, 30, 50]
+    assert spread_steps([10, 20, 30, 40]) == [10, 30, 40]
+    assert spread_steps([10, 20]) == [10, 20]
+    assert shares([1, 3, 0]) == [0.25, 0.75, 0.0]
+    assert shares([0, 0]) is None
+
+
+def test_runs_without_watched_tokens_get_no_watch_figure(tmp_path):
+    written = plot_runs([write_run(tmp_path / "r")], tmp_path / "plots")
+    assert not {"watch.png", "watch_hist.png"} & {p.name for p in written}

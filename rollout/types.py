@@ -18,6 +18,7 @@ class SamplingSettings:
     max_response_tokens: int
     # Sample j of a group samples with seed + j, as vLLM's own n > 1 fan-out does, so a
     # group's samples do not depend on which worker generates them or what runs beside it.
+    # Each group has its own seed: groups sharing one would share their random numbers.
     seed: int
 
 

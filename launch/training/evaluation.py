@@ -58,11 +58,15 @@ def evaluate(pool, verifier, records: list[PromptRecord], prompt_ids: list[list[
              *, step: int, temperature: float, samples: int, seed: int,
              max_response_tokens: int, top_p: float = 1.0) -> EvalResult:
     """Generate on the rollout workers with the weights they hold now, and score."""
+    from launch.training.pipeline import group_seed
     from rollout.types import GroupRequest, SamplingSettings
 
-    sampling = SamplingSettings(samples_per_prompt=samples, temperature=temperature, top_p=top_p,
-                                max_response_tokens=max_response_tokens, seed=seed)
-    groups = pool.generate([GroupRequest(pool.group_id(f"eval{step}-{i}"), ids, sampling)
+    def sampling(index: int) -> SamplingSettings:
+        return SamplingSettings(samples_per_prompt=samples, temperature=temperature, top_p=top_p,
+                                max_response_tokens=max_response_tokens,
+                                seed=group_seed(seed, "eval", step, index))
+
+    groups = pool.generate([GroupRequest(pool.group_id(f"eval{step}-{i}"), ids, sampling(i))
                             for i, ids in enumerate(prompt_ids)])
     responses = [s.response_text for g in groups for s in g.samples]
     answers = [r.answer for r, g in zip(records, groups, strict=True) for _ in g.samples]

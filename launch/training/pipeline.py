@@ -14,6 +14,7 @@ trained on in lock-step, with the same prompts and sampling seeds as it always h
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import statistics
 import time
@@ -29,9 +30,17 @@ from verifier.shaping import shape_rewards
 log = logging.getLogger("lpreg")
 
 
-def step_seed(seed: int, step: int, round_index: int) -> int:
-    """Sampling seed of a step's round; round 0 keeps the seed lock-step runs always had."""
-    return seed * 100_003 + step + 1_000_033 * round_index
+def group_seed(seed: int, *key: object) -> int:
+    """The sampling seed of one group, from the run's seed and the group's place (e.g.
+    "train", step, round, index); its sample j samples with this seed + j.
+
+    Every group gets its own: vLLM draws a seeded request's random numbers from its seed
+    alone, so groups that shared a seed would share them, and sample alike wherever their
+    distributions are alike (a first token, a tool call: whole batches made the same
+    choice together). Hashed, so that seeds of different steps and rounds do not overlap
+    as consecutive ones would."""
+    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 2**62  # room for + j and the segment stride below 2**63
 
 
 def staleness(sample: Sample, learner_version: int) -> int:
@@ -73,12 +82,12 @@ class RolloutPipeline:
         cfg = self.cfg
         state = self.sampler.state()
         records = self.sampler.next_batch()
-        sampling = SamplingSettings(
-            samples_per_prompt=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p, max_response_tokens=cfg.rollout.max_response_tokens,
-            seed=step_seed(cfg.trainer.seed, step, index))
         groups = [GroupRequest(self.pool.group_id(f"s{step}r{index}g{i}"), self.prompt_ids(record),
-                               sampling)
+                               SamplingSettings(
+                                   samples_per_prompt=cfg.rollout.samples_per_prompt,
+                                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                   max_response_tokens=cfg.rollout.max_response_tokens,
+                                   seed=group_seed(cfg.trainer.seed, "train", step, index, i)))
                   for i, record in enumerate(records)]
         round_ = Round(step, index, records, [g.group_id for g in groups], state, time.monotonic())
         self.rounds[(step, index)] = round_

@@ -4,7 +4,7 @@ import pytest
 
 from conf.load import load_config
 from launch.cluster.rollout_pool import pick_worker
-from launch.training.pipeline import staleness, step_seed, trainable_group_count
+from launch.training.pipeline import group_seed, staleness, trainable_group_count
 from rollout.types import Sample
 
 
@@ -43,9 +43,18 @@ def test_staleness_counts_from_the_oldest_token():
     assert staleness(sample([4, 4]), learner_version=4) == 0
 
 
-def test_round_zero_keeps_the_lock_step_seed():
-    assert step_seed(seed=2, step=7, round_index=0) == 2 * 100_003 + 7
-    assert step_seed(seed=2, step=7, round_index=1) != step_seed(seed=2, step=8, round_index=0)
+def test_every_group_samples_with_its_own_seeds():
+    """No two samples of a run share a seed: vLLM's seeded noise depends on the seed alone,
+    so shared seeds would make groups sample alike."""
+    samples_per_prompt = 8
+    seeds = [group_seed(3, "train", step, round_index, i) + j
+             for step in range(1, 200) for round_index in range(2) for i in range(32)
+             for j in range(samples_per_prompt)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert group_seed(3, "train", 5, 0, 1) == group_seed(3, "train", 5, 0, 1)  # a resume replays it
+    assert group_seed(3, "train", 5, 0, 1) != group_seed(4, "train", 5, 0, 1)
+    assert group_seed(3, "eval", 5, 1) != group_seed(3, "train", 5, 0, 1)
 
 
 @pytest.mark.parametrize("kept, expected", [(32, 32), (31, 30), (7, 6), (1, 0)])

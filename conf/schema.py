@@ -21,6 +21,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 KL_TYPES = ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3")
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 LP_REG_THRESHOLD_SCOPES = ("batch", "micro_batch")
+LP_REG_FILTERS = ("min_p", "none")
 STALE_POLICIES = ("auto", "learner", "behaviour")
 SYNTHETIC_KINDS = ("sum", "linear", "fraction", "spark_sum")
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
@@ -297,8 +298,22 @@ class AlgorithmConfig:
             "pi_old's log-probs, as the paper defines it; micro_batch: the lowest current log-probs of "
             "each micro-batch, as the authors' code does")
     lp_reg_coef: float = within(1.0, ge=0, doc="beta: weight of the KL pull towards the min-p proxy")
-    lp_reg_min_p: float = within(0.02, gt=0, lt=1, doc="kappa: the min-p threshold of the proxy")
-    lp_reg_temperature: float = within(1.0, gt=0, doc="temperature of the min-p proxy")
+    # "none" is the paper's ablation without the filter (its Fig. 8). It is a key of its own,
+    # not kappa = 0: that would keep every token too, but the behaviour proxy
+    # (stale_policy=behaviour) would then renormalise over the K listed tokens only, while
+    # "none" takes the exact path there (the sampled token's own log-prob), and a config
+    # that says it reads as what it is.
+    lp_reg_filter: str = one_of(
+        "min_p", LP_REG_FILTERS,
+        doc="what Lp-Reg's proxy removes from pi_old before it renormalises. min_p: the tokens below "
+            "lp_reg_min_p times the most likely token's probability (the paper's proxy); none: nothing, "
+            "so the proxy is pi_old itself at lp_reg_temperature (the paper's ablation without the "
+            "filter; on-policy that makes the loss GRPO's, docs/algorithms.md)")
+    lp_reg_min_p: float = within(
+        0.02, gt=0, lt=1, doc="kappa: the min-p threshold of the proxy under lp_reg_filter=min_p; for no "
+                              "filter set lp_reg_filter=none, not 0")
+    lp_reg_temperature: float = within(
+        1.0, gt=0, doc="temperature of the proxy (the min-p filter itself judges at temperature 1)")
     kl_type: str = one_of("low_var_kl", KL_TYPES, doc="KL estimator of Lp-Reg's pull towards the proxy")
     entropy_coef: float = doc(0.0, "weight of the entropy bonus (0: none)")
     kl_cov_ratio: float = within(

@@ -57,6 +57,10 @@ def check_key(key: str, f: dataclasses.Field, value: Any) -> None:
 def validate(cfg: LpregConfig) -> None:
     """Raise ``ConfigError`` for the first problem found."""
     for key, f, value in constrained_keys(cfg):
+        if key == "algorithm.lp_reg_min_p" and value == 0:
+            # The first thing one tries for "no filter": say which key it is.
+            raise ConfigError("config key 'algorithm.lp_reg_min_p' must be > 0 and < 1; got 0. For Lp-Reg "
+                              "without the min-p filter set algorithm.lp_reg_filter=none")
         check_key(key, f, value)
     _check_combinations(cfg)
 
@@ -122,6 +126,7 @@ def _check_combinations(cfg: LpregConfig) -> None:
     _check_tool_plugins(cfg)
     _check_gpu_requests(cfg)
     _check_colocation(cfg)
+    _check_unfiltered_proxy(cfg)
     if needs_top_logprobs(cfg) and cfg.rollout.top_logprobs < 1:
         raise ConfigError("config key 'rollout.top_logprobs' is 0, but algorithm.stale_policy "
                           f"({cfg.algorithm.stale_policy}) takes Lp-Reg's min-p proxy from the "
@@ -138,8 +143,26 @@ def effective_stale_policy(cfg: LpregConfig) -> str:
 
 
 def needs_top_logprobs(cfg: LpregConfig) -> bool:
-    """Whether the rollout workers must report top-K log-probs: the behaviour policy's proxy."""
-    return effective_stale_policy(cfg) == "behaviour" and cfg.algorithm.loss == "lp_reg"
+    """Whether the rollout workers must report top-K log-probs: the behaviour policy's min-p
+    proxy. The unfiltered one is the sampled token's own log-prob, which needs no list."""
+    return (effective_stale_policy(cfg) == "behaviour" and cfg.algorithm.loss == "lp_reg"
+            and cfg.algorithm.lp_reg_filter == "min_p")
+
+
+def _check_unfiltered_proxy(cfg: LpregConfig) -> None:
+    """The generating policy's unfiltered proxy is what vLLM reports for the sampled token,
+    at the sampling temperature; a top-K list cannot give it at another (its normaliser
+    needs the whole vocabulary)."""
+    algo = cfg.algorithm
+    if (algo.loss == "lp_reg" and algo.lp_reg_filter == "none" and effective_stale_policy(cfg) == "behaviour"
+            and algo.lp_reg_temperature != cfg.rollout.temperature):
+        raise ConfigError(
+            f"config keys 'algorithm.lp_reg_filter' and 'algorithm.lp_reg_temperature': with "
+            f"lp_reg_filter=none and the generating policy as pi_old (algorithm.stale_policy="
+            f"{algo.stale_policy}, rollout.max_staleness={cfg.rollout.max_staleness}) the proxy is the "
+            f"sampled token's own log-prob at rollout.temperature={cfg.rollout.temperature:g}, not at "
+            f"lp_reg_temperature={algo.lp_reg_temperature:g}; set the two equal, or "
+            "algorithm.stale_policy=learner")
 
 
 def effective_weight_sync(cfg: LpregConfig) -> str:

@@ -257,8 +257,10 @@ def build_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_token
 
 
 def uses_behaviour_proxy(algo: AlgorithmConfig) -> bool:
-    """Lp-Reg's proxy comes from the generating policy's top-K log-probs."""
-    return algo.stale_policy == "behaviour" and algo.loss == "lp_reg"
+    """Lp-Reg's proxy comes from the generating policy's top-K log-probs. Not the unfiltered
+    proxy (``lp_reg_filter=none``): that is the sampled token's own log-prob, which every
+    sample carries (``learner.step.proxy_is_old``)."""
+    return algo.stale_policy == "behaviour" and algo.loss == "lp_reg" and algo.lp_reg_filter == "min_p"
 
 
 def token_staleness(samples: list[Sample], learner_version: int) -> torch.Tensor:

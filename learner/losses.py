@@ -32,6 +32,11 @@ Those tokens get
 and every other token the PPO clipped surrogate ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))``.
 The KL pulls rare-but-plausible tokens ("reasoning sparks") back towards the proxy instead of
 letting negative advantages drive them to zero; its gradient flows through ``log_prob`` only.
+
+With ``algorithm.lp_reg_filter=none`` (the paper's ablation) the proxy is pi_old unfiltered:
+nothing is filtered, Z = 1, and a selected token is regularised wherever the policy has
+moved below pi_old (the reference keeps the ``log_prob < proxy`` test with or without the
+filter). On-policy pi_theta is pi_old, so no token is, and the loss is PPO-clip's.
 """
 
 from __future__ import annotations
@@ -362,7 +367,12 @@ def lp_reg_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
     pg_losses = torch.where(regularized, -advantages * ratio + algo.lp_reg_coef * proxy_kl, pg_losses)
     zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
     kept = proxy > FILTERED_LOG_PROB
-    kept_mass = lp_reg_kept_mass(x.old_log_prob, torch.where(regularized, proxy, x.old_log_prob))
+    if algo.lp_reg_filter == "none":
+        # Nothing is filtered: Z is 1 by definition (read off a proxy at a temperature of
+        # its own, it would not be).
+        kept_mass = torch.ones_like(x.old_log_prob)
+    else:
+        kept_mass = lp_reg_kept_mass(x.old_log_prob, torch.where(regularized, proxy, x.old_log_prob))
     protection = algo.lp_reg_coef * (1.0 / kept_mass - 1.0) / advantages.abs().clamp(min=1e-8)
     metrics = {
         "actor/pg_clipfrac": masked_mean(clipped, valid),

@@ -10,6 +10,9 @@ kappa`` on the shifted logits the log-sum-exp needs anyway: no softmax, no divis
 token's proxy log-prob is ``-inf`` (the reference writes a logit of -1e4, which has the same
 effect).
 
+``kappa = 0`` keeps every token: the proxy is then the old policy itself at temperature ``T``
+(``algorithm.lp_reg_filter=none``, the unfiltered proxy of the paper's ablation).
+
 Memory: the vocabulary axis is processed a chunk of positions at a time, reading the
 caller's logits through views, so the extra memory is a few ``chunk x vocab`` temporaries,
 never another ``batch x length x vocab`` tensor.
@@ -185,6 +188,11 @@ def top_k_proxy_log_prob(
     says so: it puts the normaliser too low (proxy log-probs too high), and an unlisted
     kept sampled token reads as filtered.
 
+    ``kappa = 0`` (no filter) needs the whole distribution's normaliser, which no list
+    short of the vocabulary has; at ``temperature == sampling_temperature`` the proxy is the
+    sampled token's own reported log-prob, exactly, and that is what it returns (a
+    ValueError at any other temperature, or without ``sampled_log_probs``).
+
     Args:
         top_log_probs: ``(..., K)`` log-probs of the listed tokens, in any order; ``-inf``
             marks an empty slot.
@@ -208,6 +216,15 @@ def top_k_proxy_log_prob(
         raise ValueError("temperatures must be positive")
     kappa = check_min_p(kappa)
     dtype = compute_dtype(top_log_probs.dtype)
+    if kappa == 0.0:
+        if sampled_log_probs is None or temperature != sampling_temperature:
+            raise ValueError("the unfiltered proxy (kappa = 0) from top-K log-probs needs the sampled "
+                             "tokens' own log-probs, at a proxy temperature equal to the sampling one")
+        if sampled_log_probs.shape != token_ids.shape:
+            raise ValueError(f"sampled_log_probs {tuple(sampled_log_probs.shape)} and token_ids "
+                             f"{tuple(token_ids.shape)} do not match")
+        return (sampled_log_probs.to(dtype).clone(),
+                torch.zeros(token_ids.shape, dtype=torch.bool, device=token_ids.device))
     width = top_log_probs.shape[-1]
     if width == 0:
         shape = token_ids.shape

@@ -15,6 +15,12 @@ have generated (asynchronous training):
   off-policy; the ratio ``pi_theta / pi_behaviour`` then carries the whole staleness, and a
   rollout correction (``pi_old / pi_behaviour = 1``) does nothing.
 
+Lp-Reg's unfiltered proxy (``algorithm.lp_reg_filter=none``) at the sampling temperature is
+pi_old itself, on every path: its log-prob is pi_old's, taken as is (``proxy_is_old``), with
+no pass and no top-K list. On-policy that makes the loss GRPO's exactly: pi_theta equals
+pi_old there, so no token lies below the proxy. At a proxy temperature of its own it is
+pi_old's logits at that temperature, from the pass that gives pi_old (min-p at kappa = 0).
+
 Lp-Reg's batch-scope threshold (``algorithm.lp_reg_threshold_scope=batch``) is fixed once
 per mini-batch, before its first micro-batch trains (``mini_batch_lp_reg_threshold``), from
 the log-probs of pi_old known by then (``select_log_probs``):
@@ -117,8 +123,18 @@ def is_on_policy(algo: AlgorithmConfig) -> bool:
     return algo.mini_batches_per_step == 1 and algo.epochs_per_step == 1
 
 
-def needs_proxy(algo: AlgorithmConfig) -> bool:
-    return algo.loss == "lp_reg"
+def proxy_is_old(algo: AlgorithmConfig, temperature: float) -> bool:
+    """Lp-Reg's proxy is pi_old's own log-prob: no filter, at the sampling temperature."""
+    return algo.loss == "lp_reg" and algo.lp_reg_filter == "none" and algo.lp_reg_temperature == temperature
+
+
+def proxy_min_p(algo: AlgorithmConfig, temperature: float) -> float | None:
+    """kappa of the pass that computes Lp-Reg's proxy from pi_old's logits: the min-p
+    threshold, or 0 (every token kept) for the unfiltered proxy at a temperature of its own;
+    None where no such pass is needed (another loss, or ``proxy_is_old``)."""
+    if algo.loss != "lp_reg" or proxy_is_old(algo, temperature):
+        return None
+    return 0.0 if algo.lp_reg_filter == "none" else algo.lp_reg_min_p
 
 
 def behaviour_is_old(algo: AlgorithmConfig) -> bool:
@@ -139,7 +155,7 @@ def fill_old_log_probs(model: torch.nn.Module, micro: TrainBatch, algo: Algorith
     """Off-policy path: one no-grad pass for log pi_old and the Lp-Reg proxy."""
     stats = response_token_stats(
         model, micro, temperature=temperature,
-        proxy_min_p=algo.lp_reg_min_p if needs_proxy(algo) else None,
+        proxy_min_p=proxy_min_p(algo, temperature),
         proxy_temperature=algo.lp_reg_temperature, compute_entropy=False,
         logits_chunk_tokens=logits_chunk_tokens, top_p=top_p)
     micro.old_log_probs = stats.log_prob
@@ -286,6 +302,12 @@ def train_on_shard(
             "policy's top-K log-probs, and this batch has none: set rollout.top_logprobs >= 1 and "
             "build the batch with build_train_batch(..., algo=cfg.algorithm, "
             "temperature=cfg.rollout.temperature)")
+    if behaviour and algo.loss == "lp_reg" and algo.lp_reg_filter == "none" and not proxy_is_old(
+            algo, temperature):
+        raise ValueError(
+            f"algorithm.lp_reg_filter=none with stale_policy=behaviour takes the proxy from the sampled "
+            f"tokens' own log-probs, at the sampling temperature ({temperature}); algorithm."
+            f"lp_reg_temperature={algo.lp_reg_temperature} would need the whole distribution")
     if algo.kl_loss_coef > 0 and reference is None:
         raise ValueError("algorithm.kl_loss_coef > 0 needs the reference model")
     for mini in padded:
@@ -295,7 +317,8 @@ def train_on_shard(
             if algo.kl_loss_coef > 0:
                 fill_reference_log_probs(reference, micro, temperature, logits_chunk_tokens, top_p)
     # The proxy from the training pass itself: the on-policy fast path with the learner's policy.
-    proxy_in_pass = on_policy and not behaviour and needs_proxy(algo)
+    kappa_in_pass = proxy_min_p(algo, temperature) if on_policy and not behaviour else None
+    old_is_proxy = proxy_is_old(algo, temperature)
     # Lp-Reg's batch-scope thresholds, one per mini-batch, now that pi_old is known for all
     # of them; fixed for every epoch.
     select = [[select_log_probs(micro, on_policy, behaviour) for micro in mini] for mini in padded]
@@ -319,7 +342,7 @@ def train_on_shard(
             for index, micro in enumerate(mini):
                 stats = response_token_stats(
                     model, micro, temperature=temperature,
-                    proxy_min_p=algo.lp_reg_min_p if proxy_in_pass else None,
+                    proxy_min_p=kappa_in_pass,
                     proxy_temperature=algo.lp_reg_temperature, compute_entropy=True,
                     logits_chunk_tokens=logits_chunk_tokens, top_p=top_p)
                 if behaviour:
@@ -329,6 +352,8 @@ def train_on_shard(
                     old_log_prob, proxy = stats.log_prob.detach(), stats.proxy_log_prob
                 else:
                     old_log_prob, proxy = micro.old_log_probs, micro.proxy_log_probs
+                if old_is_proxy:
+                    proxy = old_log_prob
                 advantages = micro.advantages[:, None].expand_as(micro.response_mask)
                 inputs = LossInputs(stats.log_prob, old_log_prob, advantages, micro.response_mask,
                                     proxy_log_prob=proxy, entropy=stats.entropy,

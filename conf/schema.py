@@ -458,7 +458,8 @@ class TrainerConfig:
         [], "strings whose share of the sampled tokens and mean sampled probability each step logs "
             "(watch/<string>/sampled_frac, watch/<string>/sampled_prob): each is watched as the token the "
             "tokenizer makes of it, with and without a leading space; a string of several tokens by its "
-            "first token (docs/algorithms.md)")
+            "first token. Under lp_reg also its share of the regularised tokens "
+            "(watch/<string>/regularized_frac; docs/algorithms.md)")
     watch_hist_every: int = within(
         0, ge=0, doc="steps between two histograms of each watched token's sampled probabilities "
                      "(watch/<string>/prob_hist, in metrics.jsonl; 0: none)")

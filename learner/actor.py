@@ -80,11 +80,14 @@ def free_port() -> int:
 class Learner:
     def __init__(self, rank: int, world_size: int, model_path: str, model_cfg: ModelConfig,
                  cfg: LearnerConfig, algo: AlgorithmConfig, temperature: float, seed: int,
-                 total_optimizer_steps: int = 0, top_p: float = 1.0):
+                 total_optimizer_steps: int = 0, top_p: float = 1.0,
+                 watched: dict[str, frozenset[int]] | None = None):
         """``total_optimizer_steps``: optimizer steps of the whole run, the length of the
         learning-rate decay (trainer.total_steps * mini_batches_per_step * epochs_per_step);
         0: unknown, so the rate stays constant after the warm-up. ``temperature`` and
-        ``top_p``: the rollout's sampling transform, under which every log-prob is taken."""
+        ``top_p``: the rollout's sampling transform, under which every log-prob is taken.
+        ``watched``: the token ids of each of trainer.watch_tokens, resolved by the driver
+        with the run's tokenizer (the learner has no tokenizer of its own)."""
         self.rank = rank
         self.total_optimizer_steps = total_optimizer_steps
         self.world_size = world_size
@@ -94,6 +97,7 @@ class Learner:
         self.algo = algo
         self.temperature = temperature
         self.top_p = top_p
+        self.watched = watched
         self.seed = seed
         self.engine = None
         self.reference = None  # the frozen initial model, when algo.kl_loss_coef > 0
@@ -218,7 +222,8 @@ class Learner:
         metrics = train_on_shard(
             engine.module, shard, self.algo, temperature=self.temperature, top_p=self.top_p,
             world_size=self.world_size, backward=backward, optimizer_step=optimizer_step,
-            logits_chunk_tokens=self.cfg.logits_chunk_tokens, reference=self.reference)
+            logits_chunk_tokens=self.cfg.logits_chunk_tokens, reference=self.reference,
+            watched=self.watched)
         return LearnerStepResult(rank=self.rank, metrics=metrics, num_optimizer_steps=steps)
 
     # -- weight export ------------------------------------------------------------------

@@ -64,6 +64,7 @@ __all__ = [
     "clip_cov_loss",
     "entropy_8020_loss",
     "gspo_loss",
+    "is_count_metric",
     "kl_cov_loss",
     "kl_penalty",
     "lp_reg_k",
@@ -75,6 +76,7 @@ __all__ = [
     "masked_mean",
     "policy_loss",
     "ppo_clip_loss",
+    "watched_count_name",
 ]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -98,13 +100,43 @@ LP_REG_RATIOS = {
 # ranks instead of averaged.
 COUNT_METRICS = frozenset({"lp_reg/regularized_tokens"} | {name for pair in LP_REG_RATIOS.values()
                                                            for name in pair})
+# Per watched string (trainer.watch_tokens): its tokens among the regularised ones, a count
+# named watch/<string>/regularized_tokens. Over lp_reg/regularized_tokens it gives
+# watch/<string>/regularized_frac, the string's share of the regularised tokens, as
+# watch/<string>/sampled_frac is its share of the sampled ones: whether Lp-Reg protects a
+# spark or the noise.
+_WATCH_PREFIX, _WATCH_COUNT = "watch/", "/regularized_tokens"
+
+
+def watched_count_name(string: str) -> str:
+    return f"{_WATCH_PREFIX}{string}{_WATCH_COUNT}"
+
+
+def _watched_string(name: str) -> str | None:
+    if name.startswith(_WATCH_PREFIX) and name.endswith(_WATCH_COUNT):
+        return name[len(_WATCH_PREFIX):-len(_WATCH_COUNT)]
+    return None
+
+
+def is_count_metric(name: str) -> bool:
+    """Whether a learner metric adds up over micro-batches, epochs and ranks (a token count
+    or a sum over tokens) rather than being averaged."""
+    return name in COUNT_METRICS or _watched_string(name) is not None
 
 
 def lp_reg_ratio_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The means of ``LP_REG_RATIOS`` from their sums and counts, added up over every
-    micro-batch and rank; none where the count is 0."""
-    return {name: metrics[num] / metrics[den] for name, (num, den) in LP_REG_RATIOS.items()
-            if num in metrics and metrics.get(den, 0) > 0}
+    """The means of ``LP_REG_RATIOS`` and the watched strings' shares of the regularised
+    tokens, from their sums and counts added up over every micro-batch and rank; none where
+    the count is 0."""
+    means = {name: metrics[num] / metrics[den] for name, (num, den) in LP_REG_RATIOS.items()
+             if num in metrics and metrics.get(den, 0) > 0}
+    regularized = metrics.get("lp_reg/regularized_tokens", 0)
+    if regularized > 0:
+        for name, value in metrics.items():
+            string = _watched_string(name)
+            if string is not None:
+                means[f"{_WATCH_PREFIX}{string}/regularized_frac"] = value / regularized
+    return means
 
 
 def lp_reg_kept_mass(old_log_prob: Tensor, proxy_log_prob: Tensor) -> Tensor:
@@ -287,6 +319,9 @@ class LossInputs:
     # (None: computed over this call's tokens, as when the call is the whole mini-batch).
     select_log_prob: Tensor | None = None
     lp_reg_threshold: LpRegThreshold | None = None
+    # Per watched string (trainer.watch_tokens), True where the sampled token is one of its
+    # tokens: Lp-Reg counts them among its regularised tokens.
+    watched: dict[str, Tensor] | None = None
 
     @property
     def valid(self) -> Tensor:
@@ -386,6 +421,8 @@ def lp_reg_loss(x: LossInputs, algo: AlgorithmConfig) -> PolicyTerms:
         "lp_reg/proxy_kl": (torch.where(regularized, proxy_kl.detach(), zero).sum()
                             / regularized.sum().clamp(min=1)),
     }
+    for string, mask in (x.watched or {}).items():
+        metrics[watched_count_name(string)] = (regularized & mask).sum().to(log_prob.dtype)
     # tau as a log-prob, where a side selects and this call chose it (the k-th lowest current
     # log-prob per call for micro_batch scope). A given mini-batch threshold is the caller's
     # to log, once per mini-batch: a mean over calls would weigh mini-batches by their

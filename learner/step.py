@@ -51,7 +51,7 @@ import torch
 
 from conf.schema import AlgorithmConfig
 from learner.batch import LearnerShard, TrainBatch, uses_behaviour_proxy
-from learner.losses import COUNT_METRICS, LpRegThreshold, lp_reg_k
+from learner.losses import LpRegThreshold, is_count_metric, lp_reg_k
 from learner.token_stats import TokenStats, head_token_stats, token_stats
 
 STALE_POLICIES = ("learner", "behaviour")
@@ -273,6 +273,7 @@ def train_on_shard(
     logits_chunk_tokens: int = 0,
     reference: torch.nn.Module | None = None,
     top_p: float = 1.0,
+    watched: dict[str, frozenset[int]] | None = None,
 ) -> dict[str, float]:
     """Every optimizer step of one learner step on this rank's shard.
 
@@ -283,10 +284,12 @@ def train_on_shard(
     no-grad pass of it per micro-batch and step. ``temperature`` and ``top_p`` are the
     rollout's: every log-prob (pi_theta, pi_old, the reference's) is of the distribution vLLM
     sampled from, as vLLM's own are, so the mismatch metrics and the rollout correction
-    compare like with like.
+    compare like with like. ``watched``: the token ids of each watched string
+    (``trainer.watch_tokens``, as the driver resolved them), whose share of Lp-Reg's
+    regularised tokens is counted.
 
     Returns metrics averaged over micro-batches (and, for ``optimizer_step``'s
-    metrics, over optimizer steps), except token counts (``COUNT_METRICS``), which add up.
+    metrics, over optimizer steps), except token counts (``is_count_metric``), which add up.
     """
     from learner import LossInputs, policy_loss
 
@@ -319,6 +322,8 @@ def train_on_shard(
     # The proxy from the training pass itself: the on-policy fast path with the learner's policy.
     kappa_in_pass = proxy_min_p(algo, temperature) if on_policy and not behaviour else None
     old_is_proxy = proxy_is_old(algo, temperature)
+    watched_ids = {string: torch.tensor(sorted(ids), dtype=torch.long, device=device)
+                   for string, ids in (watched or {}).items()} if algo.loss == "lp_reg" else {}
     # Lp-Reg's batch-scope thresholds, one per mini-batch, now that pi_old is known for all
     # of them; fixed for every epoch.
     select = [[select_log_probs(micro, on_policy, behaviour) for micro in mini] for mini in padded]
@@ -360,7 +365,9 @@ def train_on_shard(
                                     rollout_log_prob=micro.rollout_log_probs,
                                     ref_log_prob=micro.ref_log_probs,
                                     select_log_prob=select[mini_index][index],
-                                    lp_reg_threshold=thresholds[mini_index])
+                                    lp_reg_threshold=thresholds[mini_index],
+                                    watched={string: torch.isin(micro.response_ids, ids)
+                                             for string, ids in watched_ids.items()} or None)
                 loss, metrics = policy_loss(algo.loss, inputs, algo, global_num_tokens=num_tokens,
                                             global_num_seqs=num_seqs)
                 # DeepSpeed averages gradients over ranks; the loss is already a share of
@@ -383,4 +390,4 @@ def train_on_shard(
                     record(mismatch_metrics(start_log_prob.detach(), micro.rollout_log_probs,
                                             micro.response_mask, micro.staleness))
             record(optimizer_step())
-    return {key: sums[key] if key in COUNT_METRICS else sums[key] / counts[key] for key in sums}
+    return {key: sums[key] if is_count_metric(key) else sums[key] / counts[key] for key in sums}

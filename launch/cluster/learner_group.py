@@ -28,8 +28,10 @@ class LearnerGroup:
     def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: LearnerConfig,
                  algo: AlgorithmConfig, temperature: float, total_steps: int,
                  seed: int, placement=None, top_p: float = 1.0,
-                 tick: Callable[[list], object] | None = None) -> None:
-        """``tick``: keeps other work moving while the ranks start (see ``wait_named``)."""
+                 tick: Callable[[list], object] | None = None,
+                 watched: dict[str, frozenset[int]] | None = None) -> None:
+        """``tick``: keeps other work moving while the ranks start (see ``wait_named``).
+        ``watched``: each watched string's token ids (``launch.training.watch.watch_token_ids``)."""
         import ray
 
         self.cfg = cfg
@@ -43,7 +45,8 @@ class LearnerGroup:
                 options["scheduling_strategy"] = placement(rank)
             self.workers.append(actor_cls.options(**options).remote(
                 rank, cfg.num_workers, model_path, model_cfg, cfg, algo, temperature, seed,
-                total_optimizer_steps=total_optimizer_steps(total_steps, algo), top_p=top_p))
+                total_optimizer_steps=total_optimizer_steps(total_steps, algo), top_p=top_p,
+                watched=watched))
         addr, port = wait_named({"learner-0": self.rank0.rendezvous_address.remote()},
                                 cfg.startup_timeout_s, "report its address", tick)["learner-0"]
         # init_distributed is a collective: every rank must be inside it at once.

@@ -187,7 +187,8 @@ class Trainer:
             total_steps=cfg.trainer.total_steps, seed=cfg.trainer.seed,
             placement=self.placement.learner,
             # The rollout pool keeps healing while ranks start (a rebuild can take minutes).
-            tick=lambda pending: self.pool.poll(0.5, extra=pending))
+            tick=lambda pending: self.pool.poll(0.5, extra=pending),
+            watched=watch_token_ids(self.tokenizer, cfg.trainer.watch_tokens))
         self.sync = make_weight_sync(cfg.rollout.weight_sync, self.learners, self.pool,
                                      timeout_s=cfg.rollout.timeout_s,
                                      partial=cfg.rollout.partial_rollout)

@@ -8,7 +8,7 @@ import statistics
 import torch
 
 from launch.data.prompts import PromptRecord
-from learner.losses import COUNT_METRICS, lp_reg_ratio_metrics
+from learner.losses import is_count_metric, lp_reg_ratio_metrics
 
 # Edges of the sampled-token probability buckets. The lowest buckets are the tail where
 # Lp-Reg's "reasoning sparks" live, and where plain policy gradient on negative answers
@@ -81,6 +81,6 @@ def average_learner_metrics(results) -> dict[str, float]:
     """The ranks' metrics: means averaged, token counts added up, and Lp-Reg's token means
     (``lp_reg_ratio_metrics``) from the sums over every rank."""
     keys = sorted({k for r in results for k in r.metrics})
-    combine = {k: sum if k in COUNT_METRICS else statistics.fmean for k in keys}
+    combine = {k: sum if is_count_metric(k) else statistics.fmean for k in keys}
     metrics = {k: combine[k]([r.metrics[k] for r in results if k in r.metrics]) for k in keys}
     return metrics | lp_reg_ratio_metrics(metrics)

@@ -98,3 +98,74 @@ def test_no_regularised_token_no_mean():
     m, _ = _hand(proxy=[-math.inf] * 5)
     means = lp_reg_ratio_metrics({k: float(v) for k, v in m.items()})
     assert means == {"lp_reg/selected_kept_frac": 0.0}
+
+
+def test_watched_strings_share_of_the_regularised_tokens():
+    # Token 0 alone is regularised; token 1 was selected, but filtered.
+    log_prob = leaf(LP)
+    watched = {"W": torch.tensor([[True, False, False, True, False]]),
+               "#": torch.tensor([[False, True, False, False, True]])}
+    _, m = policy_loss("lp_reg", LossInputs(log_prob, log_prob.detach(), t(ADV), torch.ones(1, 5),
+                                            proxy_log_prob=t(PROXY), watched=watched),
+                       AlgorithmConfig(lp_reg_neg_frac=0.5))
+    assert m["watch/W/regularized_tokens"].item() == 1
+    assert m["watch/#/regularized_tokens"].item() == 0
+    means = lp_reg_ratio_metrics({k: float(v) for k, v in m.items()})
+    assert (means["watch/W/regularized_frac"], means["watch/#/regularized_frac"]) == (1.0, 0.0)
+    # Counts add up over ranks, and the share is of all their regularised tokens.
+    other = {"lp_reg/regularized_tokens": 3.0, "watch/W/regularized_tokens": 0.0,
+             "watch/#/regularized_tokens": 2.0}
+    ranks = [SimpleNamespace(metrics={k: float(v) for k, v in m.items()}), SimpleNamespace(metrics=other)]
+    combined = average_learner_metrics(ranks)
+    assert combined["watch/W/regularized_tokens"] == 1 and combined["watch/#/regularized_tokens"] == 2
+    assert combined["watch/W/regularized_frac"] == pytest.approx(1 / 4)
+    assert combined["watch/#/regularized_frac"] == pytest.approx(2 / 4)
+    # A step that regularises nothing has no share.
+    assert "watch/W/regularized_frac" not in lp_reg_ratio_metrics({"watch/W/regularized_tokens": 0.0,
+                                                                  "lp_reg/regularized_tokens": 0.0})
+
+
+def _model_and_batch(vocab=32):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from learner.batch import build_train_batch
+    from rollout.types import Sample
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)).to(torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    samples = []
+    for i in range(8):
+        prompt, response = (torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (4, 6))
+        samples.append(Sample(prompt_index=i // 4, prompt_token_ids=prompt, response_token_ids=response,
+                              response_logprobs=[-3.0] * len(response), finish_reason="stop",
+                              weight_version=0, worker_index=0))
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, -1.0, 1.5])
+    return model, build_train_batch(samples, advantages, pad_token_id=0, dtype=torch.float64)
+
+
+def test_a_learner_step_counts_the_watched_tokens_it_regularises():
+    from learner.batch import shard_for_learners
+    from learner.step import train_on_shard
+
+    model, batch = _model_and_batch()
+    # rho = 1 and kappa = 0.5: many regularised tokens, of both halves of the vocabulary.
+    algo = AlgorithmConfig(loss="lp_reg", lp_reg_neg_frac=1.0, lp_reg_min_p=0.5)
+    watched = {"low": frozenset(range(0, 18)), "high": frozenset(range(18, 32))}
+    results = []
+    for micro_batch_size in (8, 2):
+        shard = shard_for_learners(batch, 1, 1, micro_batch_size=micro_batch_size)[0]
+        results.append(train_on_shard(model, shard, algo, temperature=1.0, world_size=1, watched=watched,
+                                      backward=lambda loss, boundary: None, optimizer_step=lambda: {}))
+    whole, cut = results
+    assert whole["watch/low/regularized_tokens"] > 0 and whole["watch/high/regularized_tokens"] > 0
+    assert (whole["watch/low/regularized_tokens"] + whole["watch/high/regularized_tokens"]
+            == whole["lp_reg/regularized_tokens"])
+    assert cut["watch/low/regularized_tokens"] == whole["watch/low/regularized_tokens"]
+    # Other losses regularise nothing, and say nothing.
+    shard = shard_for_learners(batch, 1, 1, micro_batch_size=8)[0]
+    grpo = train_on_shard(model, shard, AlgorithmConfig(loss="ppo_clip"), temperature=1.0, world_size=1,
+                          watched=watched, backward=lambda loss, boundary: None, optimizer_step=lambda: {})
+    assert not any(key.startswith("watch/") for key in grpo)

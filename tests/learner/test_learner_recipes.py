@@ -1,5 +1,5 @@
 """Every recipe only uses keys of the schema, the paper's Lp-Reg recipes hold the reference
-settings, and the laptop pair differs in the method alone."""
+settings, and the laptop pair and the spark arms differ in the method alone."""
 
 from pathlib import Path
 
@@ -13,6 +13,7 @@ ALL_RECIPES = sorted((Path(__file__).resolve().parents[2] / "conf" / "recipes").
 # The paper's settings, one per table row and update style; the rest are laptop-scale.
 RECIPES = [p for p in ALL_RECIPES if p.stem.endswith(("_on_policy", "_off_policy"))]
 LAPTOP_RECIPES = [p for p in ALL_RECIPES if p.stem.startswith("laptop_")]
+SPARK_RECIPES = [p for p in ALL_RECIPES if p.stem.startswith("spark_")]
 METHODS = ("lp_reg", "grpo", "clip_higher", "gspo", "kl_cov", "entropy_8020", "grpo_entropy")
 
 
@@ -65,8 +66,32 @@ def test_gpu_recipes_use_token_budgets_checkpointing_and_chunked_logits(path):
     assert learner.max_tokens_per_micro_batch >= cfg.rollout.max_model_len
 
 
-def test_every_recipe_is_a_paper_or_a_laptop_recipe():
-    assert sorted(RECIPES + LAPTOP_RECIPES) == ALL_RECIPES
+def test_every_recipe_is_a_paper_a_laptop_or_a_spark_recipe():
+    assert sorted(RECIPES + LAPTOP_RECIPES + SPARK_RECIPES) == ALL_RECIPES
+
+
+def test_spark_arms_differ_in_the_method_alone():
+    arms = {p.stem: OmegaConf.to_container(load(p)) for p in SPARK_RECIPES}
+    assert set(arms) == {"spark_grpo", "spark_grpo_entropy", "spark_lp_reg", "spark_lp_reg_no_filter"}
+    grpo = arms["spark_grpo"]
+    changed = {name: {k for k, v in arm["algorithm"].items() if v != grpo["algorithm"][k]}
+               for name, arm in arms.items()}
+    assert changed == {"spark_grpo": set(), "spark_grpo_entropy": {"entropy_coef"},
+                       "spark_lp_reg": {"loss", "lp_reg_neg_frac"},
+                       "spark_lp_reg_no_filter": {"loss", "lp_reg_neg_frac", "lp_reg_filter"}}
+    assert arms["spark_lp_reg_no_filter"]["algorithm"]["lp_reg_filter"] == "none"
+    for name, arm in arms.items():
+        for section in grpo:
+            if section not in ("algorithm", "trainer"):
+                assert arm[section] == grpo[section], (name, section)
+        assert {k for k in grpo["trainer"] if arm["trainer"][k] != grpo["trainer"][k]} <= {"run_name"}
+        assert arm["trainer"]["run_name"] == name
+    # Off-policy, or the unfiltered arm would be GRPO; the spark task, with room for a recheck.
+    assert grpo["algorithm"]["mini_batches_per_step"] > 1
+    assert (grpo["data"]["synthetic"]["kind"], grpo["data"]["synthetic"]["num_operands"]) == ("spark_sum", 4)
+    assert grpo["rollout"]["max_response_tokens"] == 64
+    assert "W" in grpo["trainer"]["watch_tokens"] and grpo["trainer"]["watch_hist_every"] > 0
+    assert grpo["model"]["path"] is None
 
 
 def test_laptop_pair_differs_in_the_method_alone():

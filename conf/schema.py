@@ -23,7 +23,7 @@ ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 LP_REG_THRESHOLD_SCOPES = ("batch", "micro_batch")
 LP_REG_FILTERS = ("min_p", "none")
 STALE_POLICIES = ("auto", "learner", "behaviour")
-SYNTHETIC_KINDS = ("sum", "linear", "fraction", "spark_sum")
+SYNTHETIC_KINDS = ("sum", "linear", "fraction", "spark_sum", "tool_product")
 CHAT_TEMPLATE_MODES = ("auto", "always", "never")
 WEIGHT_SYNC_TRANSPORTS = ("auto", "object_store", "broadcast", "nccl")
 # Older names a key still accepts, and what they mean now.
@@ -133,7 +133,9 @@ class SyntheticTaskConfig:
         "sum", SYNTHETIC_KINDS, doc="sum: a+b(+c...)=; linear: solve a*x+b=c for the integer x; "
                                     "fraction: a/b+c/d(+...)= in lowest terms; spark_sum: the problems of "
                                     "sum (try num_operands=4), warm-started on responses that sometimes "
-                                    "recheck after a spark token (docs/data.md)")
+                                    "recheck after a spark token (docs/data.md); tool_product: a*b= "
+                                    "(try 3-digit operands), warm-started on responses that sometimes "
+                                    "call the Python tool (docs/multi_turn.md)")
     num_operands: int = within(2, ge=2, doc="operands of a sum or fraction problem")
     min_operand: int = doc(10, "smallest operand (at most max_operand)")
     max_operand: int = doc(99, "largest operand")

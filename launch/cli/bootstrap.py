@@ -12,8 +12,8 @@ def run(args: argparse.Namespace) -> int:
     from launch.models.bootstrap import bootstrap, tiny_model_dir
 
     cfg = load_config(args.config, args.overrides)
-    output = args.output or tiny_model_dir(cfg.model.cache_dir, cfg.model.tiny, cfg.data.synthetic)
-    path = bootstrap(output, cfg.model.tiny, cfg.data.synthetic)
+    output = args.output or tiny_model_dir(cfg.model.cache_dir, cfg.model.tiny, cfg.data.synthetic, cfg.tool)
+    path = bootstrap(output, cfg.model.tiny, cfg.data.synthetic, tool=cfg.tool)
     print(f"tiny model ready in {path}")
     return 0
 

@@ -6,7 +6,10 @@ denominators 2-9), answered in lowest terms as ``p/q``, or ``p`` when it is whol
 ``spark_sum``: the problems of ``sum`` (meant with ``num_operands=4``), whose warm-start
 responses (``warm_start_response``) are mixed: mostly a direct guess, sometimes the guess
 followed by a "reasoning spark" token, a worked recheck and a corrected answer, in the
-spirit of Fig. 1a of the Lp-Reg paper (see docs/data.md).
+spirit of Fig. 1a of the Lp-Reg paper (see docs/data.md). ``tool_product``: ``a*b=`` (meant
+with 3-digit operands), beyond the tiny model's head but one line of Python away: its
+warm-start responses are mostly a direct guess, sometimes a program that prints the product,
+its output, and the answer copied from it (see docs/multi_turn.md).
 The operand range sets the difficulty.
 """
 
@@ -18,6 +21,7 @@ from fractions import Fraction
 
 from conf.schema import SyntheticTaskConfig
 from launch.data.prompts import DataError, PromptRecord
+from rollout.multi_turn import Markers
 
 # One problem from a random source: (prompt, answer).
 Problem = tuple[str, object]
@@ -42,13 +46,21 @@ def fraction_problem(rng: random.Random, task: SyntheticTaskConfig) -> Problem:
     return "+".join(f"{n}/{d}" for n, d in terms) + "=", answer
 
 
+def product_problem(rng: random.Random, task: SyntheticTaskConfig) -> Problem:
+    a, b = (rng.randint(task.min_operand, task.max_operand) for _ in range(2))
+    return f"{a}*{b}=", a * b
+
+
 # data.synthetic.kind -> generator; conf.schema.SYNTHETIC_KINDS names the same keys.
 SYNTHETIC_TASKS: dict[str, Callable[[random.Random, SyntheticTaskConfig], Problem]] = {
     "sum": sum_problem,
     "linear": linear_problem,
     "fraction": fraction_problem,
     "spark_sum": sum_problem,
+    "tool_product": product_problem,
 }
+# Kinds whose warm start writes tool calls, in the run's tool markers (tool.code_start, ...).
+TOOL_KINDS = frozenset({"tool_product"})
 
 # spark_sum's warm-start responses. Every symbol is a character the tiny tokenizer already
 # has, so the tokenizer (and every other task's model) stays as it is.
@@ -97,6 +109,45 @@ def warm_start_response(kind: str, prompt: str, answer: str, rng: random.Random)
     if kind == "spark_sum":
         return spark_response(prompt, answer, rng)
     return _boxed(answer)
+
+
+# tool_product's warm start: the share of responses that call the tool. A minority, so
+# that RL has a tool-call rate to raise; the rest answer in one guess, rarely right.
+TOOL_SHARE = 0.2
+
+
+def product_program(prompt: str) -> str:
+    """The program a tool-using response writes for ``a*b=``."""
+    return f"print({prompt.rstrip('=')})"
+
+
+def program_output(answer: str) -> str:
+    """What ``product_program`` prints, as the sandbox returns it: with print's newline."""
+    return f"{answer}\n"
+
+
+# A warm-start response as pieces: (text, trained). The tool's output is not the model's
+# to write, so it is not trained on, as it is masked out of the RL loss.
+Segments = list[tuple[str, bool]]
+
+
+def tool_call_segments(prompt: str, answer: str, markers: Markers) -> Segments:
+    """``<code_start>print(a*b)<code_end>``, the output block, then ``\\boxed{answer}``."""
+    return [(markers.code_start + product_program(prompt) + markers.code_end, True),
+            (markers.output_start + program_output(answer) + markers.output_end, False),
+            (_boxed(answer), True)]
+
+
+def warm_start_segments(kind: str, prompt: str, answer: str, rng: random.Random,
+                        markers: Markers | None = None) -> Segments:
+    """``warm_start_response`` in pieces, with the tool-using responses of the tool kinds."""
+    if kind in TOOL_KINDS:
+        if markers is None:
+            raise ValueError(f"data.synthetic.kind={kind} needs the tool markers for its warm start")
+        if rng.random() < TOOL_SHARE:
+            return tool_call_segments(prompt, answer, markers)
+        return [(_boxed(answer), True)]
+    return [(warm_start_response(kind, prompt, answer, rng), True)]
 
 
 def final_answer(response: str) -> str | None:

@@ -17,9 +17,20 @@ from pathlib import Path
 
 import torch
 
-from conf.schema import SyntheticTaskConfig, TinyModelConfig
+from conf.schema import SyntheticTaskConfig, TinyModelConfig, ToolConfig
 from launch.data.prompts import PromptRecord
-from launch.data.synthetic import final_answer, synthetic_problems, warm_start_response
+from launch.data.synthetic import (
+    DISTRACTORS,
+    SPARK_TOKEN,
+    TOOL_KINDS,
+    Segments,
+    final_answer,
+    product_program,
+    program_output,
+    synthetic_problems,
+    warm_start_segments,
+)
+from rollout.multi_turn import Markers
 
 log = logging.getLogger("lpreg.bootstrap")
 
@@ -30,17 +41,23 @@ def format_answer(answer: str) -> str:
 
 
 def _encode(tokenizer, records: list[PromptRecord],
-            responses: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded prompt+response ids, with labels only on the response and EOS.
+            responses: list[Segments] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+response ids, with labels only on the response's trained pieces
+    and EOS.
 
-    ``responses``: the responses to train on; None: each answer boxed."""
+    ``responses``: the responses to train on, in (text, trained) pieces; None: each answer
+    boxed."""
     rows, labels = [], []
-    responses = responses or [format_answer(record.answer) for record in records]
-    for record, text in zip(records, responses, strict=True):
+    responses = responses or [[(format_answer(record.answer), True)] for record in records]
+    for record, pieces in zip(records, responses, strict=True):
         prompt = tokenizer(record.prompt)["input_ids"]
-        response = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(prompt + response)
-        labels.append([-100] * len(prompt) + response)
+        row, label = list(prompt), [-100] * len(prompt)
+        for text, trained in pieces:
+            ids = tokenizer(text)["input_ids"]
+            row += ids
+            label += ids if trained else [-100] * len(ids)
+        rows.append(row + [tokenizer.eos_token_id])
+        labels.append(label + [tokenizer.eos_token_id])
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -50,41 +67,115 @@ def _encode(tokenizer, records: list[PromptRecord],
     return ids, lab
 
 
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, records: list[PromptRecord], max_new_tokens: int = 16,
-                    batch_size: int = 250, kind: str = "sum") -> float:
-    """Share of problems whose greedy answer is exactly right (plain torch, no vLLM).
-
-    ``kind=spark_sum``: responses may recheck, so the last box is what counts, as for the
-    verifier, and they get room for the recheck."""
-    spark = kind == "spark_sum"
-    if spark:
-        max_new_tokens = max(max_new_tokens, 64)
-    model.eval()
-    correct = 0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        prompts = [tokenizer(r.prompt)["input_ids"] for r in chunk]
-        width = max(len(p) for p in prompts)
+def _greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations of ``prompts`` (plain torch, no vLLM), decoded."""
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch_size]]
+        width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding, so every row ends at the same column
+        for i, p in enumerate(chunk):  # left padding, so every row ends at the same column
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
+        texts += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]
+    return texts
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, records: list[PromptRecord], max_new_tokens: int = 16,
+                    batch_size: int = 250, kind: str = "sum", markers: Markers | None = None) -> float:
+    """Share of problems whose greedy answer is exactly right (plain torch, no vLLM).
+
+    ``kind=spark_sum``: responses may recheck, so the last box is what counts, as for the
+    verifier, and they get room for the recheck. A tool kind: the accuracy of the tool
+    path, ``tool_path_accuracy``."""
+    if kind in TOOL_KINDS:
+        return tool_path_accuracy(model, tokenizer, records, markers, batch_size)
+    spark = kind == "spark_sum"
+    if spark:
+        max_new_tokens = max(max_new_tokens, 64)
+    model.eval()
+    texts = _greedy(model, tokenizer, [r.prompt for r in records], max_new_tokens, batch_size)
+    model.train()
+    pairs = zip(records, texts, strict=True)
+    if spark:
+        return sum(final_answer(t) == r.answer for r, t in pairs) / len(records)
+    return sum(t.strip() == format_answer(r.answer) for r, t in pairs) / len(records)
+
+
+@torch.no_grad()
+def tool_path_accuracy(model, tokenizer, records: list[PromptRecord], markers: Markers,
+                       batch_size: int = 250) -> float:
+    """How reliably the model uses the tool once it opens a code block: the share of
+    problems where, greedily, it writes the right program and then copies the tool's
+    output into its answer.
+
+    The warm start stops on this, not on plain greedy accuracy: greedy decoding takes the
+    direct guess that most warm-start responses make, and is almost never right. Nothing
+    is executed: the program is compared with the expected one, and the second half is
+    given the output that program prints."""
+    model.eval()
+    opened = [r.prompt + markers.code_start for r in records]
+    programs = _greedy(model, tokenizer, opened, len(product_program(records[0].prompt)) + 16, batch_size)
+    shown = [o + product_program(r.prompt) + markers.code_end + markers.output_start
+             + program_output(r.answer) + markers.output_end for o, r in zip(opened, records, strict=True)]
+    answers = _greedy(model, tokenizer, shown, len(format_answer(records[0].answer)) + 4, batch_size)
+    model.train()
+    right = 0
+    for record, program, answer in zip(records, programs, answers, strict=True):
+        cut = program.find(markers.code_end)
+        right += (cut >= 0 and program[:cut] == product_program(record.prompt)
+                  and final_answer(answer) == record.answer)
+    return right / len(records)
+
+
+@torch.no_grad()
+def spark_calibration(model, tokenizer, records: list[PromptRecord], samples: int = 4,
+                      batch_size: int = 250, seed: int = 0) -> dict:
+    """What RL starts from on ``spark_sum``, sampled at temperature 1 as the rollouts are:
+    how often the spark follows the first answer, how often a distractor does, and the
+    accuracy of each path (the direct guess, and the recheck after the spark), judged on
+    the last box as the verifier does."""
+    model.eval()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    paths = {"direct": [0, 0], "spark": [0, 0]}
+    distractors = 0
+    prompts = [r for r in records for _ in range(samples)]
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        ids = [tokenizer(r.prompt)["input_ids"] for r in chunk]
+        width = max(len(p) for p in ids)
+        batch = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for i, p in enumerate(ids):
+            batch[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=64, do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
         for record, row in zip(chunk, out[:, width:], strict=True):
             text = tokenizer.decode(row, skip_special_tokens=True)
-            if spark:
-                correct += final_answer(text) == record.answer
-            else:
-                correct += text.strip() == format_answer(record.answer)
+            close = text.find("}")
+            after = text[close + 1:close + 2] if close >= 0 else ""
+            distractors += after in DISTRACTORS
+            path = paths["spark" if after == SPARK_TOKEN else "direct"]
+            path[0] += 1
+            path[1] += final_answer(text) == record.answer
+    torch.random.set_rng_state(generator_state)
     model.train()
-    return correct / len(records)
+    total = len(prompts)
+    return {"samples": total, "spark_frac": paths["spark"][0] / total, "distractor_frac": distractors / total,
+            "direct_accuracy": paths["direct"][1] / max(1, paths["direct"][0]),
+            "spark_accuracy": paths["spark"][1] / max(1, paths["spark"][0])}
 
 
-def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig) -> dict:
+def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig,
+               markers: Markers | None = None) -> dict:
     """Supervised training on the answer tokens of fresh synthetic problems.
 
     Small models learn arithmetic in a sudden jump, and where the jump falls depends
@@ -103,7 +194,8 @@ def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig
     loss_value, accuracy, step = float("nan"), 0.0, 0
     for step in range(1, cfg.warm_start_steps + 1):
         records = synthetic_problems(task, cfg.warm_start_batch_size, seed=rng.randrange(2**31))
-        responses = [warm_start_response(task.kind, r.prompt, r.answer, response_rng) for r in records]
+        responses = [warm_start_segments(task.kind, r.prompt, r.answer, response_rng, markers)
+                     for r in records]
         ids, labels = _encode(tokenizer, records, responses)
         loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
@@ -113,7 +205,7 @@ def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig
         schedule.step()
         loss_value = loss.item()
         if step % cfg.warm_start_probe_every == 0 or step == cfg.warm_start_steps:
-            accuracy = greedy_accuracy(model, tokenizer, probe, kind=task.kind)
+            accuracy = greedy_accuracy(model, tokenizer, probe, kind=task.kind, markers=markers)
             log.info("warm start %d/%d loss %.4f probe accuracy %.1f%% (%.0fs)", step,
                      cfg.warm_start_steps, loss_value, 100 * accuracy, time.perf_counter() - start)
             if accuracy >= cfg.warm_start_target_accuracy:
@@ -127,17 +219,33 @@ def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig
             "seconds": time.perf_counter() - start}
 
 
-def tiny_model_dir(cache_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskConfig) -> Path:
+def tool_markers(task: SyntheticTaskConfig, tool: ToolConfig | None) -> Markers | None:
+    """The markers a tool kind's warm start writes its tool calls in: the run's own, so that
+    the model calls the tool as the rollout workers expect; None for the other kinds."""
+    if task.kind not in TOOL_KINDS:
+        return None
+    tool = tool or ToolConfig()
+    return Markers(tool.code_start, tool.code_end, tool.output_start, tool.output_end)
+
+
+def tiny_model_dir(cache_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskConfig,
+                   tool: ToolConfig | None = None) -> Path:
     """Where the tiny model for these settings lives: one directory per distinct recipe."""
     import hashlib
 
-    key = json.dumps({"tiny": vars(cfg), "task": vars(task)}, sort_keys=True)
+    identity = {"tiny": vars(cfg), "task": vars(task)}
+    markers = tool_markers(task, tool)
+    if markers is not None:  # only here, so that the other kinds keep their directories
+        identity["markers"] = vars(markers)
+    key = json.dumps(identity, sort_keys=True)
     return Path(cache_dir) / f"tiny-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def bootstrap(output_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskConfig,
-              eval_problems: int = 500) -> Path:
-    """Build, warm-start and save the tiny model; reuse an existing complete one."""
+              eval_problems: int = 500, tool: ToolConfig | None = None) -> Path:
+    """Build, warm-start and save the tiny model; reuse an existing complete one.
+
+    ``tool``: the run's tool settings, whose markers a tool kind's warm start writes."""
     from launch.models.tiny_model import build_tiny_model, load_tiny_model, save_tiny_model
 
     output_dir = Path(output_dir)
@@ -154,14 +262,25 @@ def bootstrap(output_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskC
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     report: dict = {"tiny": vars(cfg), "task": vars(task)}
+    markers = tool_markers(task, tool)
+    if markers is not None:
+        report["markers"] = vars(markers)
     try:
         if cfg.warm_start_steps > 0:
-            report["warm_start"] = warm_start(model, tokenizer, task, cfg)
+            report["warm_start"] = warm_start(model, tokenizer, task, cfg, markers)
             held_out = synthetic_problems(task, eval_problems, seed=cfg.seed + 7919)
             report["warm_start"]["greedy_accuracy"] = greedy_accuracy(model, tokenizer, held_out,
-                                                                      kind=task.kind)
-            log.info("warm-started model: greedy accuracy %.1f%% on %d held-out problems",
+                                                                      kind=task.kind, markers=markers)
+            log.info("warm-started model: %s %.1f%% on %d held-out problems",
+                     "greedy accuracy" if markers is None else "tool-path accuracy",
                      100 * report["warm_start"]["greedy_accuracy"], len(held_out))
+            if task.kind == "spark_sum":
+                calibration = spark_calibration(model, tokenizer, held_out, seed=cfg.seed)
+                report["warm_start"]["sampled"] = calibration
+                log.info("sampled at temperature 1: the spark follows %.1f%% of first answers, a "
+                         "distractor %.1f%%; accuracy %.1f%% after the spark, %.1f%% without",
+                         100 * calibration["spark_frac"], 100 * calibration["distractor_frac"],
+                         100 * calibration["spark_accuracy"], 100 * calibration["direct_accuracy"])
     finally:
         torch.set_num_threads(threads)
     save_tiny_model(model, tokenizer, output_dir, report)

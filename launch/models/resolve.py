@@ -22,7 +22,7 @@ def resolve_model_path(cfg: LpregConfig) -> str:
         return str(path.resolve())
     from launch.models.bootstrap import bootstrap, tiny_model_dir
 
-    path = tiny_model_dir(cfg.model.cache_dir, cfg.model.tiny, cfg.data.synthetic)
+    path = tiny_model_dir(cfg.model.cache_dir, cfg.model.tiny, cfg.data.synthetic, cfg.tool)
     if not path.exists():
         log.info("bootstrapping the tiny model into %s (once; later runs reuse it)", path)
-    return str(bootstrap(path, cfg.model.tiny, cfg.data.synthetic).resolve())
+    return str(bootstrap(path, cfg.model.tiny, cfg.data.synthetic, tool=cfg.tool).resolve())

@@ -77,6 +77,10 @@ def evaluate(pool, verifier, records: list[PromptRecord], prompt_ids: list[list[
         start += len(group.samples)
     metrics = summarize(records, per_prompt, k=samples)
     metrics["eval/temperature"] = temperature
+    samples_out = [s for g in groups for s in g.samples]
+    if any(s.tool_calls is not None for s in samples_out):  # a multi-turn run
+        metrics["eval/tool_calls_per_sample"] = statistics.fmean(
+            len(s.tool_calls or []) for s in samples_out)
     return EvalResult(step=step, metrics=metrics)
 
 

@@ -3,7 +3,9 @@ import math
 import pytest
 
 from launch.data.prompts import PromptRecord
-from launch.training.evaluation import pass_at_k, summarize
+from launch.training.evaluation import evaluate, pass_at_k, summarize
+from rollout.types import GroupResult, Sample, ToolCall
+from verifier.math_verifier import ScoreReport
 
 
 def test_pass_at_k_matches_the_combinatorial_definition():
@@ -34,3 +36,58 @@ def test_sampled_summary_reports_mean_and_pass_at_k():
     metrics = summarize(records, [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], k=4)
     assert metrics["eval/mean@4"] == pytest.approx(0.125)
     assert metrics["eval/pass@4"] == pytest.approx(0.5)
+
+
+# evaluate() with a stand-in pool: its own logic only (what it asks the workers for, what it reports).
+class RecordingPool:
+    """Answers every group with fixed responses; ``calls`` tool calls per sample, or None
+    for a single-turn run."""
+
+    def __init__(self, calls: list[int] | None):
+        self.calls = calls
+        self.requests = []
+
+    def group_id(self, name: str) -> str:
+        return name
+
+    def generate(self, groups):
+        self.requests += groups
+        results = []
+        for i, group in enumerate(groups):
+            samples = [Sample(prompt_index=i, prompt_token_ids=list(group.prompt_token_ids),
+                              response_token_ids=[1], response_logprobs=[-1.0], finish_reason="stop",
+                              weight_version=0, worker_index=0, response_text=f"\\boxed{{{i}}}",
+                              tool_calls=None if self.calls is None else
+                              [ToolCall("ok", 0.1, 3)] * self.calls[i])
+                       for _ in range(group.sampling.samples_per_prompt)]
+            results.append(GroupResult(group.group_id, samples, worker_index=0, generate_s=0.0))
+        return results
+
+
+class ExactVerifier:
+    def score_batch_detailed(self, responses, answers) -> ScoreReport:
+        pairs = zip(responses, answers, strict=True)
+        return ScoreReport(scores=[float(r == f"\\boxed{{{a}}}") for r, a in pairs])
+
+
+RECORDS = [PromptRecord(prompt=f"{i}=", answer=str(i if i < 3 else -1), data_source="t", id=str(i))
+           for i in range(4)]
+
+
+def _evaluate(pool, samples=1):
+    return evaluate(pool, ExactVerifier(), RECORDS, [[i] for i in range(4)], step=7, temperature=0.6,
+                    samples=samples, seed=1, max_response_tokens=8).metrics
+
+
+def test_multi_turn_evaluation_reports_the_tool_call_rate():
+    metrics = _evaluate(RecordingPool(calls=[0, 1, 2, 1]))
+    assert metrics["eval/accuracy"] == 0.75
+    assert metrics["eval/tool_calls_per_sample"] == 1.0
+    assert "eval/tool_calls_per_sample" not in _evaluate(RecordingPool(calls=None))
+
+
+def test_each_evaluation_group_samples_with_its_own_seed():
+    pool = RecordingPool(calls=None)
+    _evaluate(pool, samples=4)
+    seeds = [g.sampling.seed + j for g in pool.requests for j in range(4)]
+    assert len(set(seeds)) == len(seeds) == 16

@@ -57,3 +57,17 @@ def test_other_kinds_keep_the_plain_boxed_response():
     rng = random.Random(0)
     assert all(warm_start_response("sum", "1+2=", "3", rng) == "\\boxed{3}" for _ in range(50))
     assert rng.random() == random.Random(0).random()  # drew nothing
+
+
+def test_the_sampled_calibration_counts_every_sample_once(tmp_path):
+    from conf.schema import TinyModelConfig
+    from launch.models.bootstrap import spark_calibration
+    from launch.models.tiny_model import build_tiny_model, load_tiny_model
+
+    model, tokenizer = load_tiny_model(build_tiny_model(tmp_path / "m", TinyModelConfig(warm_start_steps=0)))
+    records = synthetic_problems(TASK, 10, seed=0)
+    first = spark_calibration(model, tokenizer, records, samples=3, seed=4)
+    assert first["samples"] == 30
+    assert all(0.0 <= first[k] <= 1.0 for k in ("spark_frac", "distractor_frac", "direct_accuracy",
+                                                 "spark_accuracy"))
+    assert spark_calibration(model, tokenizer, records, samples=3, seed=4) == first  # seeded

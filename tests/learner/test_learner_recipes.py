@@ -1,5 +1,5 @@
 """Every recipe only uses keys of the schema, the paper's Lp-Reg recipes hold the reference
-settings, and the laptop pair and the spark arms differ in the method alone."""
+settings, and the laptop pair, the spark arms and the tool pair differ in the method alone."""
 
 from pathlib import Path
 
@@ -14,6 +14,7 @@ ALL_RECIPES = sorted((Path(__file__).resolve().parents[2] / "conf" / "recipes").
 RECIPES = [p for p in ALL_RECIPES if p.stem.endswith(("_on_policy", "_off_policy"))]
 LAPTOP_RECIPES = [p for p in ALL_RECIPES if p.stem.startswith("laptop_")]
 SPARK_RECIPES = [p for p in ALL_RECIPES if p.stem.startswith("spark_")]
+TOOL_RECIPES = [p for p in ALL_RECIPES if p.stem.startswith("tool_")]
 METHODS = ("lp_reg", "grpo", "clip_higher", "gspo", "kl_cov", "entropy_8020", "grpo_entropy")
 
 
@@ -66,8 +67,20 @@ def test_gpu_recipes_use_token_budgets_checkpointing_and_chunked_logits(path):
     assert learner.max_tokens_per_micro_batch >= cfg.rollout.max_model_len
 
 
-def test_every_recipe_is_a_paper_a_laptop_or_a_spark_recipe():
-    assert sorted(RECIPES + LAPTOP_RECIPES + SPARK_RECIPES) == ALL_RECIPES
+def test_every_recipe_is_a_paper_a_laptop_a_spark_or_a_tool_recipe():
+    assert sorted(RECIPES + LAPTOP_RECIPES + SPARK_RECIPES + TOOL_RECIPES) == ALL_RECIPES
+
+
+def test_tool_pair_differs_in_the_method_alone():
+    grpo, lp_reg = (OmegaConf.to_container(load(p.with_name(f"tool_{name}.yaml")))
+                    for p in TOOL_RECIPES[:1] for name in ("grpo", "lp_reg"))
+    assert {k for k in grpo["algorithm"] if grpo["algorithm"][k] != lp_reg["algorithm"][k]} == \
+        {"loss", "lp_reg_neg_frac"}
+    for section in grpo:
+        if section not in ("algorithm", "trainer"):
+            assert grpo[section] == lp_reg[section], section
+    assert {k for k in grpo["trainer"] if grpo["trainer"][k] != lp_reg["trainer"][k]} == {"run_name"}
+    assert grpo["rollout"]["max_turns"] > 0 and grpo["data"]["synthetic"]["kind"] == "tool_product"
 
 
 def test_spark_arms_differ_in_the_method_alone():

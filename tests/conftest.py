@@ -1,4 +1,4 @@
-"""Fixtures shared by the rollout tests."""
+"""Fixtures shared by the unit tests."""
 
 import os
 import shutil

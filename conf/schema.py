@@ -415,6 +415,9 @@ class ToolConfig:
     plugins: dict[str, str] = doc(
         {}, "more tools by name, each package.module:function, called as function(code: str) -> str in the "
             "caller's process, outside the sandbox; python is built in")
+    name: str = doc(
+        "python", "the tool every code block goes to: python (the built-in sandbox) or a name of "
+                  "tool.plugins")
     # Markers are matched on the decoded text, so any spelling works, across token boundaries.
     code_start: str = doc("```python", "opens a code block the model writes (rollout.max_turns > 0)")
     code_end: str = doc("```", "closes it: the response stops here and the code runs")

@@ -248,6 +248,10 @@ def _check_tool_plugins(cfg: LpregConfig) -> None:
         if not _REWARD_FN.match(spec):
             raise ConfigError(f"config key 'tool.plugins.{name}' must look like "
                               f"'package.module:function'; got {spec!r}")
+    if cfg.tool.name != "python" and cfg.tool.name not in cfg.tool.plugins:
+        known = ", ".join(["python", *sorted(cfg.tool.plugins)])
+        raise ConfigError(f"config key 'tool.name': no tool named {cfg.tool.name!r}; the tools are "
+                          f"{known} (tool.plugins.NAME=package.module:function adds one)")
 
 
 def _check_loggers_and_overlong_buffer(cfg: LpregConfig) -> None:

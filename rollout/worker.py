@@ -259,7 +259,7 @@ class RolloutWorker:
                 self._cv.notify_all()
 
     def _call_tool(self, call: PendingCall) -> None:
-        future = self.tools.submit(call.code)
+        future = self.tools.submit(call.code, self.tools.cfg.name)
         future.add_done_callback(lambda f: self._on_tool_result(call, f))
 
     def _on_tool_result(self, call: PendingCall, future) -> None:

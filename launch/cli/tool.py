@@ -19,7 +19,7 @@ def run_exec(args: argparse.Namespace) -> int:
                           "lpreg tool exec [key=value ...] < program.py")
     code = sys.stdin.read()
     with ToolPool(cfg.tool) as pool:
-        result = pool.run(code, args.tool)
+        result = pool.run(code, args.tool or cfg.tool.name)
         mode = pool.sandbox.mode
     # The observation, byte for byte; a newline after it only where it has none, for the
     # terminal. What happened goes to stderr: the exit status is 0 whatever the program did.
@@ -38,7 +38,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "exec", help="run a Python program from stdin in the tool sandbox and print the "
                      "observation the model would see")
     add_recipe_argument(run)
-    run.add_argument("--tool", default="python",
-                     help="the tool to call: python (the sandbox), or a name of tool.plugins")
+    run.add_argument("--tool", default=None,
+                     help="the tool to call: python (the sandbox), or a name of tool.plugins "
+                          "(default: tool.name, as in a rollout)")
     add_overrides_argument(run, "e.g. tool.timeout_s=2 tool.sandbox=rlimits")
     run.set_defaults(func=run_exec)

@@ -49,6 +49,7 @@ def test_a_traceback_ends_the_observation(monkeypatch, capsys):
     ("tool.plugins.python=a.b:c", "tool.plugins.python"),
     ("tool.plugins.calc=not-a-function", "tool.plugins.calc"),
     ("tool.python=/no/such/python", "tool.python"),
+    ("tool.name=calc", "tool.name"),
 ])
 def test_a_bad_setting_exits_2_naming_the_key(monkeypatch, capsys, override, key):
     code, out, err = tool_exec(monkeypatch, capsys, "print(1)\n", override)
@@ -59,6 +60,12 @@ def test_a_bad_setting_exits_2_naming_the_key(monkeypatch, capsys, override, key
 def test_a_plugin_runs_by_name(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("two words"))
     code = main(["tool", "exec", "--tool", "caps", "tool.plugins.caps=string:capwords"])
+    assert (code, capsys.readouterr().out) == (0, "Two Words\n")
+
+
+def test_tool_name_chooses_the_tool_as_a_rollout_does(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("two words"))
+    code = main(["tool", "exec", "tool.name=caps", "tool.plugins.caps=string:capwords"])
     assert (code, capsys.readouterr().out) == (0, "Two Words\n")
 
 

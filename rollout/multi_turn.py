@@ -11,7 +11,7 @@ log-prob 0.0 and empty top-K lists, and the learner never trains on them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,28 @@ def observation_tokens(observation: str, m: Markers, encode: Callable[[str], lis
     whether it was cut (the response then ends with finish reason "length")."""
     ids = encode(m.output_start + observation + m.output_end)
     return ids[:max(0, budget)], len(ids) > budget
+
+
+@dataclass
+class ToolWaitClock:
+    """Running totals of the wall-clock seconds during which at least one sample waits on its
+    tool (``wait_s``), and of the part of them in which the engine has no request to run
+    (``idle_s``): the tool time that no other sample's generation covered.
+
+    ``observe`` is given the state after each change of it; the time since the previous
+    call counts under the state that call gave, so the totals are exact without a timer.
+    """
+
+    wait_s: float = 0.0
+    idle_s: float = 0.0
+    _since: float | None = field(default=None, repr=False)
+    _waiting: bool = field(default=False, repr=False)
+    _idle: bool = field(default=False, repr=False)
+
+    def observe(self, now: float, calls_running: int, engine_busy: bool) -> None:
+        if self._since is not None and self._waiting:
+            span = max(0.0, now - self._since)
+            self.wait_s += span
+            if self._idle:
+                self.idle_s += span
+        self._since, self._waiting, self._idle = now, calls_running > 0, not engine_busy

@@ -98,3 +98,7 @@ class WorkerReport:
     interrupted_samples: int = 0  # partial rollouts continued under new weights, in total
     # Tool calls finished, in total: progress while every sample waits on a tool.
     tool_calls: int = 0
+    # Seconds since the worker started with at least one sample waiting on its tool, and
+    # the part of them with no request on the engine (rollout.multi_turn.ToolWaitClock).
+    tool_wait_s: float = 0.0
+    tool_idle_s: float = 0.0

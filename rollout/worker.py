@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from conf.schema import ModelConfig, RolloutConfig, ToolConfig
-from rollout.multi_turn import Markers, MultiTurn
+from rollout.multi_turn import Markers, MultiTurn, ToolWaitClock
 from rollout.sample_book import PendingCall, SampleBook, SampleProgress
 from rollout.types import GroupRequest, GroupResult, WorkerReport
 
@@ -107,6 +107,8 @@ class RolloutWorker:
         self._transfer_calls = 0  # vLLM weight-transfer calls running on actor threads
         self._stopping = False
         self._busy_s = 0.0
+        self._tool_calls_running = 0  # handed to the tool pool, observation not yet back
+        self._tool_clock = ToolWaitClock()
         self._error: BaseException | None = None
         self._continuations: list[SampleProgress] = []
         self._thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
@@ -135,10 +137,13 @@ class RolloutWorker:
                 raise RuntimeError(f"rollout-{self.worker_index}: engine loop failed: "
                                    f"{self._error!r}") from self._error
             finished, self.book.finished = self.book.finished, []
+            self._observe_tools()  # the totals up to now, a wait still running included
             return WorkerReport(worker_index=self.worker_index, weight_version=self.weight_version,
                                 finished=finished, in_flight_samples=self.book.in_flight_samples,
                                 busy_s=self._busy_s, interrupted_samples=self.book.interrupted,
-                                tool_calls=self.book.tool_calls_done)
+                                tool_calls=self.book.tool_calls_done,
+                                tool_wait_s=self._tool_clock.wait_s,
+                                tool_idle_s=self._tool_clock.idle_s)
 
     def abort_all(self) -> int:
         """Drop every group (the driver no longer wants them); returns how many samples."""
@@ -222,6 +227,7 @@ class RolloutWorker:
                         # Busy from now: a weight update that sees the engine idle must
                         # not miss requests taken but not yet added.
                         self._busy = self._busy or bool(inbox)
+                        self._observe_tools()
                 for request in inbox:
                     self.engine.add_request(
                         request.request_id, {"prompt_token_ids": request.prompt_token_ids},
@@ -250,6 +256,8 @@ class RolloutWorker:
                     if calls:
                         self.engine.abort_request([call.request_id for call in calls])
                     self._busy = self.engine.has_unfinished_requests()
+                    self._tool_calls_running += len(calls)
+                    self._observe_tools()
                     self._cv.notify_all()
                 for call in calls:
                     self._call_tool(call)
@@ -273,6 +281,8 @@ class RolloutWorker:
         except BaseException as err:  # noqa: BLE001 - cancelled at stop(), or the pool broke
             observation, status, exec_s = f"[tool error: {type(err).__name__}]", ToolStatus.FAILED.value, 0.0
         with self._cv:
+            self._tool_calls_running -= 1
+            self._observe_tools()
             if self._stopping:
                 return
             outcome = self.book.add_observation(call.sample, observation, status, exec_s)
@@ -281,6 +291,11 @@ class RolloutWorker:
             elif outcome is not None:
                 self.book.finished.append(outcome)
             self._cv.notify_all()
+
+    def _observe_tools(self) -> None:
+        """Under ``_cv``, after the engine's requests or the running tool calls changed."""
+        if self.tools is not None:
+            self._tool_clock.observe(time.perf_counter(), self._tool_calls_running, self._busy)
 
     # -- parking the engine --------------------------------------------------------------
     def _park(self) -> None:

@@ -111,6 +111,8 @@ class WorkerSlot:
     last_progress: float = 0.0
     last_in_flight: int = 0
     tool_calls: int = 0  # the worker's finished tool calls, as last reported
+    tool_wait_s: float = 0.0  # its seconds with a sample waiting on a tool, as last reported
+    tool_idle_s: float = 0.0  # the part of them with its engine idle
     started: float = 0.0
     interrupted_seen: int = 0  # the worker's own running count, as last reported
     lost_at: float | None = None  # detection time of the loss this slot is recovering from
@@ -295,6 +297,11 @@ class RolloutPool:
     def busy_seconds(self) -> list[float]:
         return [s.busy_s for s in self.slots]
 
+    def tool_wait_seconds(self) -> list[tuple[float, float]]:
+        """Each slot's (seconds with a sample waiting on a tool, the part with its engine
+        idle) since its worker started."""
+        return [(s.tool_wait_s, s.tool_idle_s) for s in self.slots]
+
     # -- the engine of the pool: poll ------------------------------------------------------
     def poll(self, timeout_s: float, extra: list | None = None) -> list[GroupResult]:
         """Wait up to ``timeout_s`` for any worker to report (or any of ``extra`` to be
@@ -353,6 +360,7 @@ class RolloutPool:
                 or report.finished or report.tool_calls > slot.tool_calls):
             slot.last_progress = now
         slot.busy_s, slot.tool_calls = report.busy_s, report.tool_calls
+        slot.tool_wait_s, slot.tool_idle_s = report.tool_wait_s, report.tool_idle_s
         slot.last_in_flight = report.in_flight_samples
         self.counters.interrupted_samples += max(0, report.interrupted_samples - slot.interrupted_seen)
         slot.interrupted_seen = report.interrupted_samples
@@ -489,6 +497,7 @@ class RolloutPool:
         slot.state, slot.started, slot.waiting_since = "starting", time.monotonic(), None
         slot.pid = slot.node = slot.node_id = None
         slot.busy_s, slot.last_in_flight, slot.interrupted_seen, slot.tool_calls = 0.0, 0, 0, 0
+        slot.tool_wait_s = slot.tool_idle_s = 0.0
         slot.ready_ref = slot.handle.ready.remote()
 
     def _catch_up(self, slot: WorkerSlot, loaded: int) -> None:

@@ -35,6 +35,7 @@ from launch.training.step_metrics import (
     probability_buckets,
     prompt_ids_hash,
     summarize_rollout,
+    tool_wait_metrics,
 )
 from launch.training.watch import watch_hist_due, watch_metrics, watch_token_ids
 
@@ -303,6 +304,7 @@ class Trainer:
 
         cfg = self.cfg
         busy_before = self.pool.busy_seconds()
+        tools_before = self.pool.tool_wait_seconds()
         wait_start = time.perf_counter()
         batch = self.pipeline.take(step, learner_version=self.version)
         wait_s = time.perf_counter() - wait_start
@@ -355,6 +357,8 @@ class Trainer:
             "weights/sync_bytes": sync_report.num_bytes,
             "perf/throughput": num_tokens / step_s if step_s > 0 else 0.0,
         })
+        if cfg.rollout.max_turns > 0:
+            metrics.update(tool_wait_metrics(tools_before, self.pool.tool_wait_seconds()))
         if cfg.rollout.verify_weight_sync:
             metrics["weights/rollout_checksums"] = self.pool.checksums()
         return metrics

@@ -72,6 +72,22 @@ def tool_metrics(samples) -> dict[str, float]:
     }
 
 
+def tool_wait_metrics(before: list[tuple[float, float]],
+                      after: list[tuple[float, float]]) -> dict[str, float]:
+    """How the rollout engines spent the step's tool time, from each worker's running totals
+    (``RolloutPool.tool_wait_seconds``: seconds with a sample waiting on its tool, and the
+    part of them with its engine idle) at the step's start and end. The idle share is tool
+    time that no other sample's generation covered."""
+    wait = idle = 0.0
+    for (wait_before, idle_before), (wait_after, idle_after) in zip(before, after, strict=True):
+        if wait_after < wait_before:  # a replacement's totals start again from zero
+            wait_before = idle_before = 0.0
+        wait += wait_after - wait_before
+        idle += idle_after - idle_before
+    return {"tool/wait_s": wait / max(1, len(after)),
+            "tool/engine_idle_frac": idle / wait if wait > 0 else 0.0}
+
+
 def prompt_ids_hash(records: list[PromptRecord]) -> str:
     """A short fingerprint of a step's prompts, in order, to compare runs and resumes."""
     return hashlib.sha1("\n".join(r.id for r in records).encode()).hexdigest()[:16]

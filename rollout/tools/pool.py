@@ -7,6 +7,8 @@ run on ``tool.max_concurrency`` threads of the pool's own, each with its own san
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,10 +18,38 @@ from rollout.tools.output import truncate
 from rollout.tools.registry import Tool, build_tools
 from rollout.tools.sandbox import Sandbox, ToolResult, ToolStatus
 
+TOOL_PAUSE_ENV = "LPREG_TEST_PAUSE_TOOL"
+
+
+def pause_for_fault_tests() -> None:
+    """Where fault tests kill a rollout worker while one of its samples waits between two
+    turns for its tool: a window no signal sent from outside could be sure to hit. With
+    ``LPREG_TEST_PAUSE_TOOL=<file>``, the first call to start after the test creates
+    ``<file>.armed`` creates ``<file>``, holding the process id, and then waits, on the
+    pool's thread as a slow tool would, up to ten minutes for the test's SIGKILL. Only the
+    call that creates the file pauses: one per run, in whichever worker gets there first,
+    never in the killed one's replacement. Unset, it does nothing."""
+    marker = os.environ.get(TOOL_PAUSE_ENV)
+    if not marker or os.path.exists(marker) or not os.path.exists(f"{marker}.armed"):
+        return
+    # Written aside and linked into place: the link fails if the file exists, so two
+    # calls cannot both pause, and a test never reads a half-written file.
+    draft = f"{marker}.{os.getpid()}.{threading.get_ident()}"
+    with open(draft, "w") as out:
+        out.write(str(os.getpid()))
+    try:
+        os.link(draft, marker)
+    except FileExistsError:
+        return
+    finally:
+        os.unlink(draft)
+    time.sleep(600)
+
 
 def call_tool(tool: Tool, code: str, max_chars: int) -> ToolResult:
     """One call of ``tool``; whatever goes wrong in it becomes an observation, never an
     exception in the caller."""
+    pause_for_fault_tests()
     start = time.monotonic()
     try:
         out = tool(code)

@@ -39,6 +39,7 @@ the run's own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -205,13 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     from launch.benchmarks.rollout import build_endless_model
     from launch.models.tiny_model import build_tokenizer
 
-    with tempfile.TemporaryDirectory(prefix="lpreg-bench-") as scratch, \
-            tempfile.TemporaryDirectory(prefix="lpreg-bench-tool-", dir=INTERPRETER_DIR) as tool_dir:
+    with tempfile.TemporaryDirectory(prefix="lpreg-bench-") as scratch, contextlib.ExitStack() as stack:
         prompt_ids = synthetic_prompt_ids(build_tokenizer(), args.prompts)
         max_model_len = max(map(len, prompt_ids)) + args.max_tokens
         model_path = str(build_endless_model(Path(scratch) / "endless", max_model_len))
         python = None
         if args.tool_sleep > 0:
+            tool_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lpreg-bench-tool-",
+                                                                       dir=INTERPRETER_DIR))
             python = sleepy_python(_sandbox_python(), Path(tool_dir), args.tool_sleep)
         tools = tool_config(args, python)
         _check_sandbox(tools)

@@ -49,6 +49,9 @@ def test_tool_calls_happen_and_observations_are_masked(multi_turn):
         assert 0 <= r["tool/calls_per_sample"] <= 2
         assert r["rollout/turns_mean"] == pytest.approx(1 + r["tool/calls_per_sample"])
         assert r["response_length/max"] <= 128
+        assert 0.0 <= r["tool/engine_idle_frac"] <= 1.0 and r["tool/wait_s"] >= 0.0
         if "rollout/logprob_max_abs_diff" in r:  # fresh tokens only; a step may have none
             assert r["rollout/logprob_max_abs_diff"] < 1e-4, r["step"]
     assert any("rollout/logprob_max_abs_diff" in r for r in records)
+    # Some sample waited on its tool; meanwhile the engine had the others to generate.
+    assert sum(r["tool/wait_s"] for r in records) > 0

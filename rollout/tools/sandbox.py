@@ -57,6 +57,8 @@ PROGRAM = "program.py"
 PYTHON_FLAGS = ("-u", "-B", "-E", "-s", "-X", "utf8")  # unbuffered: output keeps its order
 # Where any user may write: in rlimits mode, what the sandbox user left there is removed.
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
+# Each program's private directory: lpreg-tool-<pid of the sandbox's process>-<random>.
+WORKDIR_PREFIX = "lpreg-tool-"
 # Read-only inside bwrap besides /usr: what the dynamic loader and time functions read.
 ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
 ROOT_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -214,6 +216,7 @@ class Sandbox:
         self._python_dirs: list[str] = []
         self.network_isolated = False
         self._check_tmp_base()
+        sweep_dead_leftovers(self.tmp_base, self.switch_user)
         if not self.switch_user:
             _warn_once("user", "tool sandbox: not running as root, so programs run as this user "
                        "(uid %d), without a user of their own or a process-count limit",
@@ -255,7 +258,7 @@ class Sandbox:
         start = time.monotonic()
         uid = self.uid(slot)
         try:
-            workdir = tempfile.mkdtemp(prefix="lpreg-tool-", dir=self.tmp_base)
+            workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=self.tmp_base)
         except OSError as err:
             return ToolResult(f"[tool error: no temporary directory: {err}]", ToolStatus.FAILED)
         try:
@@ -570,6 +573,58 @@ class Sandbox:
                    "file their user may read, and %s", reason,
                    "have no network" if self.network_isolated else "HAVE THE HOST'S NETWORK")
         return "rlimits"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def sweep_dead_leftovers(tmp_base: str, as_root: bool) -> None:
+    """Remove what sandboxes of processes that no longer exist left behind.
+
+    A process killed while a program runs (a rollout worker SIGKILLed, or shut down with a
+    call in flight) never reaches its own cleanup, and its private directories would pile
+    up in ``tmp_base`` over a long run with restarts. Each is named after its process
+    (``lpreg-tool-<pid>-...``), and as root each sandbox user's uid holds its process's pid
+    too, so what belongs to a dead process is known: its directories, and in rlimits mode
+    whatever its users left in the world-writable places. A live process's, this one's or
+    another sandbox's, is left alone."""
+    places = dict.fromkeys((tmp_base, *WORLD_WRITABLE)) if as_root else (tmp_base,)
+    for base in places:
+        try:
+            entries = list(os.scandir(base))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                pid = _leftover_pid(entry, base == tmp_base, as_root)
+                if pid is None or _pid_alive(pid):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def _leftover_pid(entry: os.DirEntry, in_tmp_base: bool, as_root: bool) -> int | None:
+    """The process a sandbox leftover belongs to, or None if ``entry`` is not one."""
+    if in_tmp_base and entry.name.startswith(WORKDIR_PREFIX):
+        pid = entry.name[len(WORKDIR_PREFIX):].partition("-")[0]
+        if pid.isdigit():
+            return int(pid)
+    if as_root:
+        uid = entry.stat(follow_symlinks=False).st_uid
+        if UID_BASE <= uid < 2 * UID_BASE:
+            return (uid - UID_BASE) >> 8
+    return None
 
 
 def dirs_to_bind(dirs: list[str]) -> list[str]:

@@ -59,7 +59,9 @@ def sandbox_processes(box: Sandbox) -> list[str]:
 
 
 def stray_files() -> list[str]:
-    """Anything a sandbox user of any process owns in the places every user may write."""
+    """Anything a sandbox user of this process owns in the places every user may write
+    (not another process's: other work on the machine may run programs meanwhile)."""
+    ours = range(UID_BASE + (os.getpid() << 8), UID_BASE + ((os.getpid() + 1) << 8))
     found = []
     for base in WORLD_WRITABLE:
         try:
@@ -68,7 +70,7 @@ def stray_files() -> list[str]:
             continue
         for entry in entries:
             try:
-                if entry.stat(follow_symlinks=False).st_uid >= UID_BASE:
+                if entry.stat(follow_symlinks=False).st_uid in ours:
                     found.append(entry.path)
             except OSError:
                 pass
@@ -288,3 +290,27 @@ def test_a_small_output_bound_does_not_cut_the_start_up_probe(mode, tmp_base):
         assert box.run("print(123456789)").observation.startswith("1234")
     finally:
         box.close()
+
+
+def test_a_dead_process_leftovers_are_swept_and_a_live_ones_kept(tmp_base):
+    """What a killed process's sandbox left goes when the next sandbox starts; what a live
+    process's holds stays."""
+    from rollout.tools.sandbox import WORKDIR_PREFIX, sweep_dead_leftovers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    paths = {name: os.path.join(tmp_base, name) for name in (
+        f"{WORKDIR_PREFIX}{dead.pid}-abc", f"{WORKDIR_PREFIX}{os.getpid()}-def", "unrelated")}
+    for path in paths.values():
+        os.mkdir(path)
+    left_by_user = os.path.join(tmp_base, "written-by-a-program")
+    with open(left_by_user, "w") as out:
+        out.write("x")
+    if AS_ROOT:  # a file a dead process's sandbox user wrote
+        os.chown(left_by_user, UID_BASE + (dead.pid << 8) + 1, UID_BASE + (dead.pid << 8) + 1)
+    sweep_dead_leftovers(tmp_base, AS_ROOT)
+    assert sorted(os.listdir(tmp_base)) == sorted(
+        [f"{WORKDIR_PREFIX}{os.getpid()}-def", "unrelated"] + ([] if AS_ROOT else ["written-by-a-program"]))
+    for name in os.listdir(tmp_base):
+        path = os.path.join(tmp_base, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)

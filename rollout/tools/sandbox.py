@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from conf.errors import ConfigError
@@ -452,21 +453,8 @@ class Sandbox:
     def _remove_leftovers(self, uid: int) -> None:
         """In rlimits mode the program could write wherever any user may: remove what its
         user left in those places."""
-        for base in dict.fromkeys((*WORLD_WRITABLE, self.tmp_base)):
-            try:
-                entries = list(os.scandir(base))
-            except OSError:
-                continue
-            for entry in entries:
-                try:
-                    if entry.stat(follow_symlinks=False).st_uid != uid:
-                        continue
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        os.unlink(entry.path)
-                except OSError:
-                    pass
+        remove_entries(dict.fromkeys((*WORLD_WRITABLE, self.tmp_base)),
+                       lambda entry, base: entry.stat(follow_symlinks=False).st_uid == uid)
 
     def _result(self, output: BoundedOutput, returncode: int, timed_out: bool, cpu_s: float,
                 mode: str, wall_s: float) -> ToolResult:
@@ -596,6 +584,17 @@ def sweep_dead_leftovers(tmp_base: str, as_root: bool) -> None:
     whatever its users left in the world-writable places. A live process's, this one's or
     another sandbox's, is left alone."""
     places = dict.fromkeys((tmp_base, *WORLD_WRITABLE)) if as_root else (tmp_base,)
+
+    def left_by_the_dead(entry: os.DirEntry, base: str) -> bool:
+        pid = _leftover_pid(entry, base == tmp_base, as_root)
+        return pid is not None and not _pid_alive(pid)
+
+    remove_entries(places, left_by_the_dead)
+
+
+def remove_entries(places, chosen: Callable[[os.DirEntry, str], bool]) -> None:
+    """Remove every entry of the directories ``places`` that ``chosen(entry, place)``
+    picks, files and whole trees alike; one that vanishes or resists meanwhile is skipped."""
     for base in places:
         try:
             entries = list(os.scandir(base))
@@ -603,8 +602,7 @@ def sweep_dead_leftovers(tmp_base: str, as_root: bool) -> None:
             continue
         for entry in entries:
             try:
-                pid = _leftover_pid(entry, base == tmp_base, as_root)
-                if pid is None or _pid_alive(pid):
+                if not chosen(entry, base):
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)

@@ -67,8 +67,11 @@ def _encode(tokenizer, records: list[PromptRecord],
     return ids, lab
 
 
-def _greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations of ``prompts`` (plain torch, no vLLM), decoded."""
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+              **sampling) -> list[str]:
+    """Continuations of ``prompts`` (plain torch, no vLLM), decoded; greedy unless
+    ``sampling`` says otherwise (``do_sample=True``, ...)."""
+    sampling = {"do_sample": False} | sampling
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch_size]]
@@ -79,8 +82,8 @@ def _greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_siz
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             **sampling)
         texts += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]
     return texts
 
@@ -99,7 +102,7 @@ def greedy_accuracy(model, tokenizer, records: list[PromptRecord], max_new_token
     if spark:
         max_new_tokens = max(max_new_tokens, 64)
     model.eval()
-    texts = _greedy(model, tokenizer, [r.prompt for r in records], max_new_tokens, batch_size)
+    texts = _generate(model, tokenizer, [r.prompt for r in records], max_new_tokens, batch_size)
     model.train()
     pairs = zip(records, texts, strict=True)
     if spark:
@@ -120,10 +123,10 @@ def tool_path_accuracy(model, tokenizer, records: list[PromptRecord], markers: M
     given the output that program prints."""
     model.eval()
     opened = [r.prompt + markers.code_start for r in records]
-    programs = _greedy(model, tokenizer, opened, len(product_program(records[0].prompt)) + 16, batch_size)
+    programs = _generate(model, tokenizer, opened, len(product_program(records[0].prompt)) + 16, batch_size)
     shown = [o + product_program(r.prompt) + markers.code_end + markers.output_start
              + program_output(r.answer) + markers.output_end for o, r in zip(opened, records, strict=True)]
-    answers = _greedy(model, tokenizer, shown, len(format_answer(records[0].answer)) + 4, batch_size)
+    answers = _generate(model, tokenizer, shown, len(format_answer(records[0].answer)) + 4, batch_size)
     model.train()
     right = 0
     for record, program, answer in zip(records, programs, answers, strict=True):
@@ -145,30 +148,19 @@ def spark_calibration(model, tokenizer, records: list[PromptRecord], samples: in
     torch.manual_seed(seed)
     paths = {"direct": [0, 0], "spark": [0, 0]}
     distractors = 0
-    prompts = [r for r in records for _ in range(samples)]
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        ids = [tokenizer(r.prompt)["input_ids"] for r in chunk]
-        width = max(len(p) for p in ids)
-        batch = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for i, p in enumerate(ids):
-            batch[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=64, do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        for record, row in zip(chunk, out[:, width:], strict=True):
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            close = text.find("}")
-            after = text[close + 1:close + 2] if close >= 0 else ""
-            distractors += after in DISTRACTORS
-            path = paths["spark" if after == SPARK_TOKEN else "direct"]
-            path[0] += 1
-            path[1] += final_answer(text) == record.answer
+    repeated = [r for r in records for _ in range(samples)]
+    texts = _generate(model, tokenizer, [r.prompt for r in repeated], 64, batch_size,
+                      do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    for record, text in zip(repeated, texts, strict=True):
+        close = text.find("}")
+        after = text[close + 1:close + 2] if close >= 0 else ""
+        distractors += after in DISTRACTORS
+        path = paths["spark" if after == SPARK_TOKEN else "direct"]
+        path[0] += 1
+        path[1] += final_answer(text) == record.answer
     torch.random.set_rng_state(generator_state)
     model.train()
-    total = len(prompts)
+    total = len(repeated)
     return {"samples": total, "spark_frac": paths["spark"][0] / total, "distractor_frac": distractors / total,
             "direct_accuracy": paths["direct"][1] / max(1, paths["direct"][0]),
             "spark_accuracy": paths["spark"][1] / max(1, paths["spark"][0])}

@@ -33,6 +33,18 @@ def train_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "launch.cli", "train", *args]
 
 
+def run_compare(arms: list[str], out: Path, overrides: list[str],
+                timeout_s: float = 1200) -> tuple[subprocess.Popen, str, str]:
+    """``lpreg compare`` of ``arms`` on seed 0 into ``out``, in its own session, with the
+    models kept beside ``out``; the finished process and its stdout and stderr."""
+    command = [sys.executable, "-m", "launch.cli", "compare", *(a for arm in arms for a in ("-c", arm)),
+               "--seeds", "0", "--out", str(out), f"model.cache_dir={out.parent / 'models'}", *overrides]
+    proc = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stdout, stderr = proc.communicate(timeout=timeout_s)
+    return proc, stdout, stderr
+
+
 def by_step(records: list[dict]) -> dict[int, dict]:
     return {r["step"]: r for r in records}  # the last record of a step wins
 

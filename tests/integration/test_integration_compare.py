@@ -2,11 +2,9 @@
 DeepSpeed; then the same command again, which must find both runs finished."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from harness import ROOT, environment, session_pids
+from harness import run_compare, session_pids
 
 from launch.training.step_metrics import PROB_BUCKET_KEYS
 
@@ -23,13 +21,7 @@ SMALL = ["trainer.total_steps=3", "rollout.num_workers=1", "learner.num_workers=
 
 
 def compare(out, extra=()):
-    command = [sys.executable, "-m", "launch.cli", "compare", "-c", "laptop_grpo", "-c", "laptop_lp_reg",
-               "--seeds", "0", "--out", str(out), *SMALL, f"model.cache_dir={out.parent / 'models'}",
-               *extra]
-    proc = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    stdout, stderr = proc.communicate(timeout=1200)
-    return proc, stdout, stderr
+    return run_compare(["laptop_grpo", "laptop_lp_reg"], out, [*SMALL, *extra])
 
 
 @pytest.fixture(scope="module")

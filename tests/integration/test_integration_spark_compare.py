@@ -5,11 +5,9 @@ and watch plot."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
-from harness import ROOT, environment, session_pids
+from harness import run_compare, session_pids
 
 from launch.training.watch import WATCH_HIST_EDGES
 
@@ -56,11 +54,7 @@ def sampled_count(record, string):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("spark_compare") / "out"
-    command = [sys.executable, "-m", "launch.cli", "compare", *(a for arm in ARMS for a in ("-c", arm)),
-               "--seeds", "0", "--out", str(out), *SMALL, f"model.cache_dir={out.parent / 'models'}"]
-    proc = subprocess.Popen(command, cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    stdout, stderr = proc.communicate(timeout=1200)
+    proc, stdout, stderr = run_compare(ARMS, out, SMALL)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
     return out, stdout, proc
 

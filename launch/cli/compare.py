@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
     words = [w for recipe in args.recipes or [] for w in ("-c", recipe)]
     words += ["--seeds", args.seeds, *[w for item in args.seeds_for for w in ("--seeds-for", item)]]
-    words += (["--baseline", args.baseline] if args.baseline else []) + ["--out", args.out, *args.overrides]
+    words += ["--baseline", args.baseline] if args.baseline else []
+    words += ["--model-seed", str(args.model_seed)] if args.model_seed is not None else []
+    words += ["--out", args.out, *args.overrides]
     command = "lpreg compare " + shlex.join(words)
     # A plain `kill` stops the comparison the way Ctrl-C does: its runs stop with it.
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         result = run_comparison(args.recipes or [], parse_seeds(args.seeds), args.out, list(args.overrides),
                                 parallel=args.parallel, command=command,
                                 start_runs=not args.report_only,
-                                seeds_for=parse_seeds_for(args.seeds_for), baseline=args.baseline)
+                                seeds_for=parse_seeds_for(args.seeds_for), baseline=args.baseline,
+                                model_seed=args.model_seed)
     except KeyboardInterrupt:
         print("lpreg: interrupted; the same command continues the comparison, skipping the "
               "runs that finished", file=sys.stderr)
@@ -94,6 +97,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                               "repeat for each such arm")
     compare.add_argument("--baseline", metavar="RECIPE",
                          help="the arm every other arm is set against seed by seed (default: the first -c)")
+    compare.add_argument("--model-seed", type=int, metavar="N",
+                         help="start every run from the tiny model of seed N, so that the seeds vary "
+                              "only the problems and the sampling (default: each run's own seed)")
     compare.add_argument("--out", default="compare", help="output directory (default: ./compare)")
     compare.add_argument("--parallel", type=int, default=1, metavar="N",
                          help="runs at a time (default 1; more on a Ray cluster, see docs/compare.md)")

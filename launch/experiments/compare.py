@@ -6,6 +6,11 @@ there, with the resolved config it ran; a later ``lpreg compare`` with the same 
 skips it, so an interrupted comparison picks up where it stopped. A run cut short
 continues from its newest checkpoint when it has one and starts again otherwise.
 
+By default each seed also seeds the tiny model's initialisation and warm start, so a seed's
+runs start from a model of their own. ``--model-seed`` starts every run from one warm-started
+model instead, as runs from one base model do: the seeds then vary only the problems and
+the sampling, and one warm start serves them all.
+
 Arms may run different seeds (``--seeds-for``): a comparison is what one command names, so
 adding an arm later is the same command with one more ``-c``, and the finished runs of the
 others are skipped, not lost from the report.
@@ -156,9 +161,11 @@ def arm_seeds(recipes: list[str], seeds: list[int],
 
 
 def plan_runs(recipes: list[str], seeds: list[int], out_dir: Path,
-              overrides: list[str], seeds_for: dict[str, list[int]] | None = None) -> list[PlannedRun]:
+              overrides: list[str], seeds_for: dict[str, list[int]] | None = None,
+              model_seed: int | None = None) -> list[PlannedRun]:
     """Every (arm, seed) run, each config loaded and checked before anything starts.
-    ``seeds_for`` gives some arms (by arm name or recipe) seeds of their own."""
+    ``seeds_for`` gives some arms (by arm name or recipe) seeds of their own; ``model_seed``,
+    when given, is every run's ``model.tiny.seed`` in place of the run's seed."""
     if len(recipes) < 1:
         raise ConfigError("lpreg compare needs at least one -c RECIPE")
     for item in overrides:
@@ -176,7 +183,8 @@ def plan_runs(recipes: list[str], seeds: list[int], out_dir: Path,
     for recipe, name in zip(recipes, names, strict=True):
         path = resolve_recipe(recipe).resolve()
         for seed in per_arm[name]:
-            owned = [f"trainer.seed={seed}", f"model.tiny.seed={seed}", f"data.synthetic.seed={seed}",
+            tiny_seed = seed if model_seed is None else model_seed
+            owned = [f"trainer.seed={seed}", f"model.tiny.seed={tiny_seed}", f"data.synthetic.seed={seed}",
                      f"trainer.output_dir={out_dir.resolve() / 'runs' / name}",
                      f"trainer.run_name=seed{seed}"]
             # The child runs exactly this config: its digest marks the run as finished.
@@ -372,7 +380,7 @@ def arms_in(out_dir: Path) -> list[str]:
 def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, overrides: list[str],
                    parallel: int = 1, command: str = "lpreg compare",
                    start_runs: bool = True, seeds_for: dict[str, list[int]] | None = None,
-                   baseline: str | None = None) -> ComparisonResult:
+                   baseline: str | None = None, model_seed: int | None = None) -> ComparisonResult:
     """Plan, run what is not finished (unless ``start_runs`` is False), and write
     ``summary.json``, the plots and ``report.md`` of every finished run. ``baseline`` (an arm
     name or recipe; default the first) is the arm the others are set against seed by seed."""
@@ -383,7 +391,7 @@ def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, ov
     if parallel < 1:
         raise ConfigError(f"--parallel must be 1 or more, got {parallel}")
     out_dir = Path(out_dir)
-    planned = plan_runs(recipes, seeds, out_dir, overrides, seeds_for)
+    planned = plan_runs(recipes, seeds, out_dir, overrides, seeds_for, model_seed)
     baseline = pick_arm(baseline, recipes, "--baseline") if baseline else planned[0].arm
     if parallel > 1 and start_runs:
         _build_models_once(planned)

@@ -220,12 +220,18 @@ def tool_markers(task: SyntheticTaskConfig, tool: ToolConfig | None) -> Markers 
     return Markers(tool.code_start, tool.code_end, tool.output_start, tool.output_end)
 
 
+def model_task(task: SyntheticTaskConfig) -> dict:
+    """The task settings a tiny model depends on. Not ``task.seed``: the warm start draws its
+    problems from ``model.tiny.seed``, so runs on other problem sets share one model."""
+    return {key: value for key, value in vars(task).items() if key != "seed"}
+
+
 def tiny_model_dir(cache_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskConfig,
                    tool: ToolConfig | None = None) -> Path:
     """Where the tiny model for these settings lives: one directory per distinct recipe."""
     import hashlib
 
-    identity = {"tiny": vars(cfg), "task": vars(task)}
+    identity = {"tiny": vars(cfg), "task": model_task(task)}
     markers = tool_markers(task, tool)
     if markers is not None:  # only here, so that the other kinds keep their directories
         identity["markers"] = vars(markers)
@@ -253,7 +259,7 @@ def bootstrap(output_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskC
     # OpenMP threads that wait on each other make every step many times slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    report: dict = {"tiny": vars(cfg), "task": vars(task)}
+    report: dict = {"tiny": vars(cfg), "task": model_task(task)}
     markers = tool_markers(task, tool)
     if markers is not None:
         report["markers"] = vars(markers)

@@ -20,6 +20,7 @@ from launch.experiments.summary import (
     smooth,
     summarize_run,
 )
+from launch.models.bootstrap import tiny_model_dir
 from launch.reporting.plot import load_run
 from launch.training.step_metrics import (
     LOW_PROB_MASS_KEY,
@@ -118,6 +119,16 @@ def test_learner_ranks_token_counts_add_up_and_fractions_average():
     combined = average_learner_metrics(ranks)
     assert combined["lp_reg/regularized_tokens"] == 8.0
     assert combined["lp_reg/regularized_frac"] == pytest.approx(0.2)
+
+
+def test_model_seed_gives_every_run_one_model_and_leaves_the_run_seeds_alone(tmp_path):
+    planned = plan_runs(["grpo_on_policy", "lp_reg_on_policy"], [0, 7], tmp_path, [], model_seed=3)
+    assert {r.cfg.model.tiny.seed for r in planned} == {3}
+    assert [(r.cfg.trainer.seed, r.cfg.data.synthetic.seed) for r in planned] == [(0, 0), (7, 7)] * 2
+    assert len({tiny_model_dir("m", r.cfg.model.tiny, r.cfg.data.synthetic) for r in planned}) == 1
+    # A comparison with its own models is a different comparison: its finished runs do not count.
+    own = plan_runs(["grpo_on_policy"], [0], tmp_path, [])[0]
+    assert own.cfg.model.tiny.seed == 0 and own.config_digest != planned[0].config_digest
 
 
 def test_plan_sets_seeds_and_run_directories_and_checks_every_config(tmp_path):

@@ -385,6 +385,7 @@ def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, ov
     ``summary.json``, the plots and ``report.md`` of every finished run. ``baseline`` (an arm
     name or recipe; default the first) is the arm the others are set against seed by seed."""
     from launch.experiments.report import plot_bands, write_report, write_summary
+    from launch.experiments.spark_probe import probe_run
     from launch.experiments.summary import summarize_run
     from launch.reporting.plot import load_run
 
@@ -400,6 +401,7 @@ def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, ov
     arms: dict[str, dict] = {}
     runs_by_arm: dict[str, list] = {}
     missing = []
+    probed_starts: dict[Path, dict] = {}
     for run in planned:
         arm = arms.setdefault(run.arm, {"recipe": str(run.recipe), "seeds": [], "per_seed": {}})
         arm["seeds"].append(run.seed)
@@ -408,7 +410,8 @@ def run_comparison(recipes: list[str], seeds: list[int], out_dir: str | Path, ov
             missing.append(f"{run.arm} seed {run.seed}")
             continue
         series = load_run(run.run_dir, name=f"{run.arm}/seed{run.seed}")
-        arm["per_seed"][run.seed] = summarize_run(series, run.cfg.trainer.total_steps, outcome.wall_s)
+        arm["per_seed"][run.seed] = (summarize_run(series, run.cfg.trainer.total_steps, outcome.wall_s)
+                                     | probe_run(run.run_dir, run.cfg, run.config_digest, probed_starts))
         runs_by_arm.setdefault(run.arm, []).append(series)
     # Another command's arms in this --out are not part of this one's report; say so, since
     # the report it overwrote may have shown them.

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+from launch.experiments.spark_probe import probe_definitions
 from launch.experiments.summary import (
     ACCURACY_KEY,
     DEFINITIONS,
@@ -75,7 +76,7 @@ def write_summary(path: Path, arms: dict[str, dict], seeds: list[int], overrides
         "seeds": seeds,
         "overrides": overrides,
         "missing_runs": missing,
-        "definitions": DEFINITIONS,
+        "definitions": DEFINITIONS | (probe_definitions() if _probed(arms) else {}),
         "arms": {
             name: {"recipe": arm["recipe"],
                    "seeds": list(arm.get("seeds", seeds)),
@@ -93,6 +94,34 @@ def write_summary(path: Path, arms: dict[str, dict], seeds: list[int], overrides
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
     return document
+
+
+def _probed(arms: dict[str, dict]) -> bool:
+    return any("spark_frac@start" in run for arm in arms.values() for run in arm["per_seed"].values())
+
+
+# The spark task's decision position, before and after RL (launch.experiments.spark_probe).
+SPARK_COLUMNS = [
+    ("spark_frac", "spark %", 100, 1),
+    ("decision_spark_prob", "P(W)", 1, 3),
+    ("decision_distractor_prob", "P(distractors)", 1, 3),
+    ("decision_entropy", "entropy", 1, 3),
+    ("direct_accuracy", "direct acc. %", 100, 1),
+    ("spark_accuracy", "spark acc. %", 100, 1),
+]
+
+
+def spark_rows(summary: dict) -> list[list[str]]:
+    """Per arm, the decision position at the start and the end: mean ± sd over seeds."""
+    rows = []
+    for name, arm in summary["arms"].items():
+        spreads = arm["mean_std"]
+        if spreads.get("spark_frac@start") is None:
+            continue
+        for stage in ("start", "end"):
+            rows.append([name, stage] + [_cell(spreads.get(f"{key}@{stage}"), scale, decimals)
+                                         for key, _, scale, decimals in SPARK_COLUMNS])
+    return rows
 
 
 def plot_bands(runs_by_arm: dict[str, list[RunSeries]], out_dir: Path, total_steps: int) -> list[Path]:
@@ -294,6 +323,15 @@ def write_report(path: Path, summary: dict, plots: list[Path], command: str) -> 
                   "docs/compare.md for how to read it).", "",
                   "| " + " | ".join(PAIRED_HEADINGS) + " |", "|---" * len(PAIRED_HEADINGS) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
+    spark = spark_rows(summary)
+    if spark:
+        lines += ["", "## The decision position", "",
+                  "Just after the first answer, where the spark `W`, a distractor or the end "
+                  "follows: each arm's policy before RL and at its last checkpoint, sampled at "
+                  "temperature 1 on 500 held-out problems, 4 responses each (definitions below).", "",
+                  "| arm | model | " + " | ".join(c[1] for c in SPARK_COLUMNS) + " |",
+                  "|---|---|" + "---|" * len(SPARK_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in spark]
     lines += ["", "## Per seed", "",
               "| arm | seed | " + " | ".join(c[1] for c in TABLE_COLUMNS) + " |",
               "|---|---|" + "---|" * len(TABLE_COLUMNS)]

@@ -89,6 +89,24 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_s
 
 
 @torch.no_grad()
+def next_token_probs(model, tokenizer, prefixes: list[str], batch_size: int = 250) -> torch.Tensor:
+    """The model's next-token distribution after each prefix, at temperature 1: [prefixes, vocab]."""
+    rows = []
+    for start in range(0, len(prefixes), batch_size):
+        chunk = [tokenizer(p)["input_ids"] for p in prefixes[start:start + batch_size]]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):  # left padding: every row's last column is its next token
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        rows.append(torch.softmax(logits.float(), dim=-1))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
 def greedy_accuracy(model, tokenizer, records: list[PromptRecord], max_new_tokens: int = 16,
                     batch_size: int = 250, kind: str = "sum", markers: Markers | None = None) -> float:
     """Share of problems whose greedy answer is exactly right (plain torch, no vLLM).
@@ -148,22 +166,44 @@ def spark_calibration(model, tokenizer, records: list[PromptRecord], samples: in
     torch.manual_seed(seed)
     paths = {"direct": [0, 0], "spark": [0, 0]}
     distractors = 0
+    decisions = []  # each sampled response up to its first answer: the decision position follows
     repeated = [r for r in records for _ in range(samples)]
     texts = _generate(model, tokenizer, [r.prompt for r in repeated], 64, batch_size,
                       do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     for record, text in zip(repeated, texts, strict=True):
         close = text.find("}")
         after = text[close + 1:close + 2] if close >= 0 else ""
+        if close >= 0:
+            decisions.append(record.prompt + text[:close + 1])
         distractors += after in DISTRACTORS
         path = paths["spark" if after == SPARK_TOKEN else "direct"]
         path[0] += 1
         path[1] += final_answer(text) == record.answer
     torch.random.set_rng_state(generator_state)
-    model.train()
     total = len(repeated)
-    return {"samples": total, "spark_frac": paths["spark"][0] / total, "distractor_frac": distractors / total,
-            "direct_accuracy": paths["direct"][1] / max(1, paths["direct"][0]),
-            "spark_accuracy": paths["spark"][1] / max(1, paths["spark"][0])}
+    found = {"samples": total, "spark_frac": paths["spark"][0] / total,
+             "distractor_frac": distractors / total,
+             "direct_accuracy": paths["direct"][1] / max(1, paths["direct"][0]),
+             "spark_accuracy": paths["spark"][1] / max(1, paths["spark"][0])}
+    if decisions:
+        found |= decision_position(next_token_probs(model, tokenizer, decisions, batch_size), tokenizer)
+    model.train()
+    return found
+
+
+def decision_position(probs: torch.Tensor, tokenizer) -> dict:
+    """The policy at the decision position ([responses, vocab], one row per response), averaged
+    over responses: its entropy in nats, and the probability of the spark, of the distractors
+    together and of ending the response there."""
+    def token(text: str) -> int:
+        return tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(-1)
+    distractor_ids = [token(d) for d in DISTRACTORS]
+    return {"decision_entropy": entropy.mean().item(),
+            "decision_spark_prob": probs[:, token(SPARK_TOKEN)].mean().item(),
+            "decision_distractor_prob": probs[:, distractor_ids].sum(-1).mean().item(),
+            "decision_end_prob": probs[:, tokenizer.eos_token_id].mean().item()}
 
 
 def warm_start(model, tokenizer, task: SyntheticTaskConfig, cfg: TinyModelConfig,

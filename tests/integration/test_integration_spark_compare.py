@@ -9,6 +9,8 @@ import math
 import pytest
 from harness import run_compare, session_pids
 
+from launch.experiments.spark_probe import PROBE_DEFINITIONS, PROBE_FILE
+from launch.training.checkpoint import CHECKPOINT_DIR, HF_DIR, step_dir_name
 from launch.training.watch import WATCH_HIST_EDGES
 
 pytestmark = pytest.mark.integration
@@ -28,7 +30,9 @@ SMALL = [f"trainer.total_steps={STEPS}", "rollout.num_workers=1", "learner.num_w
          "verifier.truncated_reward=null",
          # At the recipe's 5% Lp-Reg regularises a dozen tokens a step here and W or # is
          # seldom one of them: the counts of the watched ones would all be 0.
-         f"algorithm.lp_reg_neg_frac={RHO}"]
+         f"algorithm.lp_reg_neg_frac={RHO}",
+         # The last checkpoint is what the decision-position probe reads.
+         f"trainer.save_every={STEPS}"]
 
 
 def read_records(out, arm):
@@ -166,3 +170,26 @@ def test_summary_report_and_plots(finished):
     plot = out / "plots" / "watch.png"
     assert plot.read_bytes().startswith(PNG_MAGIC)
     assert "(plots/watch.png)" in report and str(plot) in stdout
+
+
+def test_the_decision_position_is_probed_before_and_after(finished):
+    out, _, _ = finished
+    summary = json.loads((out / "summary.json").read_text())
+    runs = {arm: summary["arms"][arm]["per_seed"]["0"] for arm in ARMS}
+    for arm, run in runs.items():
+        for key in PROBE_DEFINITIONS:
+            for stage in ("start", "end"):
+                value = run[f"{key}@{stage}"]
+                assert value is not None and math.isfinite(value) and value >= 0, (arm, key, stage)
+        saved = json.loads((out / "runs" / arm / "seed0" / PROBE_FILE).read_text())
+        assert saved["final_model"].endswith(f"{CHECKPOINT_DIR}/{step_dir_name(STEPS)}/{HF_DIR}")
+        assert saved["values"] == {k: v for k, v in run.items() if k.split("@")[0] in PROBE_DEFINITIONS}
+    # Both arms start from the one random model, which spreads its probability almost evenly
+    # over its ~100 symbols: W gets about 1/100 just after a first answer.
+    start = runs["spark_grpo"]["decision_spark_prob@start"]
+    assert start == runs["spark_lp_reg"]["decision_spark_prob@start"] and 0.003 < start < 0.03
+    assert runs["spark_grpo"]["decision_entropy@start"] > 3.5
+    report = (out / "report.md").read_text()
+    assert "## The decision position" in report
+    assert "| spark_lp_reg | end |" in report and "| spark_grpo | start |" in report
+    assert "`decision_entropy@end`" in report

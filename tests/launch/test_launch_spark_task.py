@@ -1,4 +1,8 @@
+import math
 import random
+
+import pytest
+import torch
 
 from conf.schema import SyntheticTaskConfig
 from launch.data.synthetic import (
@@ -71,3 +75,44 @@ def test_the_sampled_calibration_counts_every_sample_once(tmp_path):
     assert all(0.0 <= first[k] <= 1.0 for k in ("spark_frac", "distractor_frac", "direct_accuracy",
                                                  "spark_accuracy"))
     assert spark_calibration(model, tokenizer, records, samples=3, seed=4) == first  # seeded
+    # A random model is near uniform: just after the first answer it gives W about 1/V.
+    vocab = len(tokenizer)
+    assert 0.8 * math.log(vocab) < first["decision_entropy"] <= math.log(vocab)
+    assert 0.3 / vocab < first["decision_spark_prob"] < 3 / vocab
+    assert first["decision_spark_prob"] + first["decision_distractor_prob"] + first["decision_end_prob"] < 1
+
+
+class _CharTokenizer:
+    """One id per character, 0 the end of the response: enough for decision_position."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_the_decision_position_reads_the_spark_the_distractors_and_the_end():
+    from launch.models.bootstrap import decision_position
+
+    probs = torch.zeros(2, 128)
+    probs[0, 0], probs[0, ord(SPARK_TOKEN)], probs[0, ord("#")], probs[0, ord("?")] = 0.7, 0.2, 0.05, 0.05
+    probs[1, 0] = 1.0  # certain to end: no entropy
+    found = decision_position(probs, _CharTokenizer())
+    entropy = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 2 * 0.05 * math.log(0.05))
+    assert found["decision_entropy"] == pytest.approx(entropy / 2)
+    assert found["decision_spark_prob"] == pytest.approx(0.1)
+    assert found["decision_distractor_prob"] == pytest.approx(0.05)
+    assert found["decision_end_prob"] == pytest.approx(0.85)
+
+
+def test_next_token_probs_do_not_depend_on_the_padding(tmp_path):
+    from conf.schema import TinyModelConfig
+    from launch.models.bootstrap import next_token_probs
+    from launch.models.tiny_model import build_tiny_model, load_tiny_model
+
+    model, tokenizer = load_tiny_model(build_tiny_model(tmp_path / "m", TinyModelConfig(warm_start_steps=0)))
+    short, long = "1+2+3+4=\\boxed{9}", "11+22+33+44=\\boxed{110}"
+    alone = next_token_probs(model, tokenizer, [short])
+    padded = next_token_probs(model, tokenizer, [short, long])  # short is left-padded here
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)
+    assert torch.allclose(padded.sum(-1), torch.ones(2), atol=1e-5)

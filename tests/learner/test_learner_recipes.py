@@ -85,14 +85,18 @@ def test_tool_pair_differs_in_the_method_alone():
 
 def test_spark_arms_differ_in_the_method_alone():
     arms = {p.stem: OmegaConf.to_container(load(p)) for p in SPARK_RECIPES}
-    assert set(arms) == {"spark_grpo", "spark_grpo_entropy", "spark_lp_reg", "spark_lp_reg_no_filter"}
+    assert set(arms) == {"spark_grpo", "spark_grpo_entropy", "spark_lp_reg", "spark_lp_reg_no_filter",
+                         "spark_lp_reg_strong"}
     grpo = arms["spark_grpo"]
     changed = {name: {k for k, v in arm["algorithm"].items() if v != grpo["algorithm"][k]}
                for name, arm in arms.items()}
     assert changed == {"spark_grpo": set(), "spark_grpo_entropy": {"entropy_coef"},
                        "spark_lp_reg": {"loss", "lp_reg_neg_frac"},
-                       "spark_lp_reg_no_filter": {"loss", "lp_reg_neg_frac", "lp_reg_filter"}}
+                       "spark_lp_reg_no_filter": {"loss", "lp_reg_neg_frac", "lp_reg_filter"},
+                       "spark_lp_reg_strong": {"loss", "lp_reg_neg_frac", "lp_reg_coef"}}
     assert arms["spark_lp_reg_no_filter"]["algorithm"]["lp_reg_filter"] == "none"
+    beta = {name: arms[name]["algorithm"]["lp_reg_coef"] for name in ("spark_lp_reg", "spark_lp_reg_strong")}
+    assert beta == {"spark_lp_reg": 1.0, "spark_lp_reg_strong": 10.0}
     for name, arm in arms.items():
         for section in grpo:
             if section not in ("algorithm", "trainer"):

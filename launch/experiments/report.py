@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from launch.experiments.spark_probe import probe_definitions
+from launch.experiments.spark_probe import PROBE_PROBLEMS, probe_definitions
 from launch.experiments.summary import (
     ACCURACY_KEY,
     DEFINITIONS,
@@ -328,7 +328,8 @@ def write_report(path: Path, summary: dict, plots: list[Path], command: str) -> 
         lines += ["", "## The decision position", "",
                   "Just after the first answer, where the spark `W`, a distractor or the end "
                   "follows: each arm's policy before RL and at its last checkpoint, sampled at "
-                  "temperature 1 on 500 held-out problems, 4 responses each (definitions below).", "",
+                  f"temperature 1 on {PROBE_PROBLEMS} held-out problems, 4 responses each "
+                  "(definitions below).", "",
                   "| arm | model | " + " | ".join(c[1] for c in SPARK_COLUMNS) + " |",
                   "|---|---|" + "---|" * len(SPARK_COLUMNS)]
         lines += ["| " + " | ".join(row) + " |" for row in spark]

@@ -42,21 +42,15 @@ STAGES = {"start": "the model RL starts from", "end": "the run's last checkpoint
 
 def probe_model(model_dir: Path, cfg: LpregConfig) -> dict:
     """``spark_calibration`` of the model in ``model_dir`` on the warm start's held-out problems."""
-    import torch
-
     from launch.data.synthetic import synthetic_problems
-    from launch.models.bootstrap import spark_calibration
+    from launch.models.bootstrap import one_torch_thread, spark_calibration
     from launch.models.tiny_model import load_tiny_model
 
     model, tokenizer = load_tiny_model(model_dir)
     # The held-out set the bootstrap calibrates on, so the start reads as bootstrap.json does.
     problems = synthetic_problems(cfg.data.synthetic, PROBE_PROBLEMS, seed=cfg.model.tiny.seed + 7919)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the warm start: a model this small gains nothing from more
-    try:
+    with one_torch_thread():
         return spark_calibration(model, tokenizer, problems, seed=cfg.model.tiny.seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def start_model_dir(cfg: LpregConfig) -> Path:

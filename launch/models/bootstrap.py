@@ -13,6 +13,7 @@ import logging
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,24 +68,31 @@ def _encode(tokenizer, records: list[PromptRecord],
     return ids, lab
 
 
+def _left_padded(tokenizer, texts: list[str], batch_size: int):
+    """``texts`` tokenised in batches of ``batch_size`` and left-padded, so that every row of a
+    batch ends at the same column: (ids, attention mask) per batch."""
+    for start in range(0, len(texts), batch_size):
+        chunk = [tokenizer(t)["input_ids"] for t in texts[start:start + batch_size]]
+        width = max(len(t) for t in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, t in enumerate(chunk):
+            ids[i, width - len(t):] = torch.tensor(t)
+            mask[i, width - len(t):] = 1
+        yield ids, mask
+
+
 def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
               **sampling) -> list[str]:
     """Continuations of ``prompts`` (plain torch, no vLLM), decoded; greedy unless
     ``sampling`` says otherwise (``do_sample=True``, ...)."""
     sampling = {"do_sample": False} | sampling
     texts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [tokenizer(p)["input_ids"] for p in prompts[start:start + batch_size]]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):  # left padding, so every row ends at the same column
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+    for ids, mask in _left_padded(tokenizer, prompts, batch_size):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                              **sampling)
-        texts += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, width:]]
+        texts += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, ids.shape[1]:]]
     return texts
 
 
@@ -92,18 +100,23 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_s
 def next_token_probs(model, tokenizer, prefixes: list[str], batch_size: int = 250) -> torch.Tensor:
     """The model's next-token distribution after each prefix, at temperature 1: [prefixes, vocab]."""
     rows = []
-    for start in range(0, len(prefixes), batch_size):
-        chunk = [tokenizer(p)["input_ids"] for p in prefixes[start:start + batch_size]]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):  # left padding: every row's last column is its next token
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+    for ids, mask in _left_padded(tokenizer, prefixes, batch_size):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
         rows.append(torch.softmax(logits.float(), dim=-1))
     return torch.cat(rows)
+
+
+@contextmanager
+def one_torch_thread():
+    """Run torch on one thread meanwhile. A model this small gains nothing from a second, and
+    on a busy machine OpenMP threads that wait on each other make every step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -295,15 +308,11 @@ def bootstrap(output_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskC
     build_tiny_model(scratch, cfg)
     model, tokenizer = load_tiny_model(scratch)
     torch.manual_seed(cfg.seed)
-    # A model this small gains nothing from a second thread, and on a busy machine
-    # OpenMP threads that wait on each other make every step many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     report: dict = {"tiny": vars(cfg), "task": model_task(task)}
     markers = tool_markers(task, tool)
     if markers is not None:
         report["markers"] = vars(markers)
-    try:
+    with one_torch_thread():
         if cfg.warm_start_steps > 0:
             report["warm_start"] = warm_start(model, tokenizer, task, cfg, markers)
             held_out = synthetic_problems(task, eval_problems, seed=cfg.seed + 7919)
@@ -319,8 +328,6 @@ def bootstrap(output_dir: str | Path, cfg: TinyModelConfig, task: SyntheticTaskC
                          "distractor %.1f%%; accuracy %.1f%% after the spark, %.1f%% without",
                          100 * calibration["spark_frac"], 100 * calibration["distractor_frac"],
                          100 * calibration["spark_accuracy"], 100 * calibration["direct_accuracy"])
-    finally:
-        torch.set_num_threads(threads)
     save_tiny_model(model, tokenizer, output_dir, report)
     shutil.rmtree(scratch, ignore_errors=True)
     (output_dir / "bootstrap.json").write_text(json.dumps(report, indent=2))

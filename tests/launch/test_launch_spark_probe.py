@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from conf.load import load_config
 from launch.experiments import spark_probe
 from launch.experiments.spark_probe import PROBE_DEFINITIONS, PROBE_FILE, probe_run
@@ -26,15 +28,22 @@ def test_other_tasks_are_not_probed(tmp_path):
     assert not (tmp_path / PROBE_FILE).exists()
 
 
-def test_a_run_without_a_checkpoint_has_its_start_only_and_says_why(tmp_path, monkeypatch, caplog):
-    calls = []
-    monkeypatch.setattr(spark_probe, "probe_model", _fake_probe(calls))
+@pytest.fixture
+def spark_run(tmp_path):
+    """A spark run's config, starting from a model directory, and its run directory, which
+    has no checkpoint: (config, run directory, start model)."""
     start = tmp_path / "start"
     start.mkdir()
     (start / "config.json").write_text("{}")
-    cfg = load_config("spark_grpo", [f"model.path={start}"])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    return load_config("spark_grpo", [f"model.path={start}"]), run_dir, start
+
+
+def test_a_run_without_a_checkpoint_has_its_start_only_and_says_why(spark_run, monkeypatch, caplog):
+    cfg, run_dir, start = spark_run
+    calls = []
+    monkeypatch.setattr(spark_probe, "probe_model", _fake_probe(calls))
     with caplog.at_level(logging.WARNING, logger="lpreg.compare"):
         values = probe_run(run_dir, cfg, "d1", {})
     assert calls == [start.resolve()]
@@ -43,15 +52,10 @@ def test_a_run_without_a_checkpoint_has_its_start_only_and_says_why(tmp_path, mo
     assert json.loads((run_dir / PROBE_FILE).read_text())["values"] == values
 
 
-def test_the_record_is_reused_for_the_same_config_only(tmp_path, monkeypatch):
+def test_the_record_is_reused_for_the_same_config_only(spark_run, monkeypatch):
+    cfg, run_dir, _ = spark_run
     calls = []
     monkeypatch.setattr(spark_probe, "probe_model", _fake_probe(calls))
-    start = tmp_path / "start"
-    start.mkdir()
-    (start / "config.json").write_text("{}")
-    cfg = load_config("spark_grpo", [f"model.path={start}"])
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
     shared: dict = {}
     first = probe_run(run_dir, cfg, "d1", shared)
     assert probe_run(run_dir, cfg, "d1", shared) == first and len(calls) == 1
